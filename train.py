@@ -75,11 +75,11 @@ def parse_value(key, text, typ):
     try:
         return typ(text)
     except ValueError:
-        raise UserError(f"{key}={text}: expected {'a number' if typ is float else 'an ' + typ.__name__},"
+        raise UserError(f"{key}={text}: expected {'a number' if typ is float else 'a whole number' if typ is int else 'text'},"
                         f" e.g. {key}={1.0 if typ is float else 1}") from None
 
 
-def parse_args(argv, settings_class, usage):
+def parse_args(argv, usage):
     """Split argv into (model name, {key: text}); --help prints the keys and exits."""
     model_name, pairs, want_help = None, {}, False
     args = list(argv)
@@ -193,7 +193,9 @@ def load_tokenizer(name):
 
 def read_text(path):
     """The training text; The Verdict is downloaded on first use, as in the book."""
-    if not os.path.exists(path) and path == VERDICT:
+    if path == VERDICT:  # the default lives beside this file, wherever it is run from
+        path = os.path.join(HERE, VERDICT)
+    if not os.path.exists(path) and path == os.path.join(HERE, VERDICT):
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with urllib.request.urlopen(VERDICT_URL, timeout=15) as response:
@@ -366,7 +368,7 @@ def plot_losses(history, path):
 
 def main(argv):
     usage = "train.py"
-    model_name, pairs, want_help = parse_args(argv, TrainConfig, usage)
+    model_name, pairs, want_help = parse_args(argv, usage)
     model_name = model_name or "gpt2"
     arch = import_model(model_name)
     cfg = TrainConfig()

@@ -1,0 +1,125 @@
+"""Generate text with a model trained by train.py.
+
+    python sample.py                                     # out/ckpt.pt, continuing "Every effort moves you"
+    python sample.py prompt="I had always" temperature=0 # greedy
+    python sample.py top_k=50 top_p=0.9 num_samples=3    # three samples, generated as one batch
+    python sample.py --help                              # every key, with its type and default
+"""
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from train import (UserError, apply_overrides, generate, load_checkpoint, load_tokenizer, parse_args,
+                   pick_device, print_help)
+
+
+@dataclass
+class SampleConfig:
+    init_from: str = "out"       # checkpoint file, or the out_dir holding ckpt.pt
+    prompt: str = "Every effort moves you"
+    max_new_tokens: int = 50
+    temperature: float = 0.8     # 0 = greedy (always the most likely token)
+    top_k: int | None = 200      # sample among the k most likely tokens; None = all
+    top_p: float = 1.0           # nucleus: among the most likely tokens that make up top_p; 1.0 = off
+    num_samples: int = 1         # samples generated together as one batch
+    seed: int = 123              # the same seed gives the same text
+    device: str = "auto"         # auto = cuda, then mps, then cpu
+    dtype: str = "checkpoint"    # checkpoint = as stored; or float32, bfloat16, float16
+    use_cache: bool = True       # KV cache: each step computes only the new token
+
+
+def check(cfg, vocab_size):
+    if cfg.max_new_tokens < 1 or cfg.num_samples < 1:
+        raise UserError("max_new_tokens and num_samples must be at least 1")
+    if cfg.temperature < 0:
+        raise UserError(f"temperature={cfg.temperature} is negative: use 0 for greedy or a value > 0")
+    if cfg.top_k is not None and not 1 <= cfg.top_k <= vocab_size:
+        raise UserError(f"top_k={cfg.top_k} must be between 1 and the vocabulary size {vocab_size},"
+                        f" or None for no limit")
+    if not 0 < cfg.top_p <= 1:
+        raise UserError(f"top_p={cfg.top_p} must be in (0, 1]: 1.0 turns nucleus sampling off")
+    dtypes = {"checkpoint": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+              "float16": torch.float16}
+    if cfg.dtype not in dtypes:
+        raise UserError(f"dtype={cfg.dtype} is not supported: use {', '.join(dtypes)}")
+    return dtypes[cfg.dtype]
+
+
+class Printer:
+    """Streams one sample to the terminal, holding back bytes that don't yet make a whole character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], 0
+
+    def add(self, token_id):
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            print(text[self.shown:], end="", flush=True)
+            self.shown = len(text)
+
+
+def main(argv):
+    model_name, pairs, want_help = parse_args(argv, "sample.py")
+    cfg = SampleConfig()
+    apply_overrides(pairs, [cfg], "sample.py")
+    if want_help:
+        print_help(__doc__, [("keys", cfg)])
+        return
+    device = pick_device(cfg.device)
+    model, ckpt = load_checkpoint(cfg.init_from, device)
+    if model_name is not None and model_name != ckpt["model_name"]:
+        raise UserError(f"--model {model_name} does not match the checkpoint, which holds a "
+                        f"{ckpt['model_name']} model: leave --model out")
+    tokenizer = load_tokenizer(ckpt["tokenizer"])
+    dtype = check(cfg, tokenizer.vocab_size)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.eval()
+
+    ids = tokenizer.encode(cfg.prompt) or [tokenizer.eot_id]  # an empty prompt starts a new text
+    ctx = model.cfg.context_length
+    if len(ids) > ctx:
+        print(f"sample.py: note: the prompt has {len(ids)} tokens, more than the context length {ctx};"
+              f" only its last {ctx} tokens are used", file=sys.stderr)
+        ids = ids[-ctx:]
+    idx = torch.tensor([ids] * cfg.num_samples, device=device)
+
+    torch.manual_seed(cfg.seed)
+    steps = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                     tokenizer.eot_id, cfg.use_cache)
+    t0, n_tokens = time.perf_counter(), 0
+    if cfg.num_samples == 1:  # stream the text as it comes
+        print(tokenizer.decode(ids), end="", flush=True)
+        printer = Printer(tokenizer)
+        for next_id in steps:
+            n_tokens += 1
+            if next_id[0] == tokenizer.eot_id:
+                break
+            printer.add(int(next_id[0]))
+        print()
+    else:
+        new = torch.stack(list(steps), dim=1).tolist()  # (num_samples, steps)
+        n_tokens = len(new[0]) * cfg.num_samples
+        for i, row in enumerate(new):
+            if tokenizer.eot_id in row:
+                row = row[:row.index(tokenizer.eot_id)]
+            print(f"--- sample {i + 1}\n{tokenizer.decode(ids + row)}")
+    seconds = time.perf_counter() - t0
+    print(f"({n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"sample.py: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:  # e.g. piped into head: stop quietly
+        sys.stdout = None
+        sys.exit(1)

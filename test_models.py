@@ -1,0 +1,328 @@
+"""Tests: python -m pytest test_models.py  (CPU, offline)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gpt2
+import sample
+import train
+from train import UserError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_script(*args, cwd=HERE):
+    """Run train.py or sample.py in a fresh interpreter, as a user would."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def tiny_gpt2(**overrides):
+    torch.manual_seed(0)
+    return gpt2.Transformer(gpt2.Config(**{**gpt2.PRESETS["tiny"], **overrides})).eval()
+
+
+@pytest.fixture
+def story(tmp_path):
+    """A small training text, so the tests need no download."""
+    path = tmp_path / "story.txt"
+    sentences = ["The painter sat by the window and looked at the sea.",
+                 "Every effort moves you closer to the picture you want to paint.",
+                 "She laughed, and the light changed on the water."]
+    path.write_text(" ".join(sentences[i % 3] for i in range(120)), encoding="utf-8")
+    return str(path)
+
+
+# ---- GPT-2: shapes, parameter counts, attention
+
+@pytest.mark.parametrize("preset, expected", [
+    ("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080),
+    ("gpt2-xl", 1_557_611_200), ("verdict", 162_419_712)])
+def test_gpt2_parameter_counts_match_transformers(preset, expected):
+    with torch.device("meta"):
+        model = gpt2.Transformer(gpt2.Config(**gpt2.PRESETS[preset]))
+    assert gpt2.count_parameters(model) == expected
+
+
+def test_gpt2_output_shape_and_tied_head():
+    model = tiny_gpt2()
+    assert model.lm_head.weight is model.token_embedding.weight
+    logits = model(torch.randint(0, 50257, (3, 17)))
+    assert logits.shape == (3, 17, 50257)
+    assert not tiny_gpt2(tie_weights=False).lm_head.weight is tiny_gpt2().token_embedding.weight
+
+
+def test_gpt2_init_scales_residual_projections():
+    model = gpt2.Transformer(gpt2.Config(n_layers=8, d_model=256, n_heads=4, vocab_size=1000))
+    assert abs(model.blocks[0].mlp.up.weight.std().item() - 0.02) < 1e-3
+    assert abs(model.blocks[0].attn.wo.weight.std().item() - 0.02 / 4) < 1e-3  # 1/sqrt(2 * 8)
+    assert model.blocks[0].mlp.up.bias.abs().max() == 0
+
+
+def test_gpt2_is_causal():
+    model = tiny_gpt2()
+    idx = torch.randint(0, 50257, (1, 20))
+    changed = idx.clone()
+    changed[0, 10:] = 7
+    with torch.no_grad():
+        assert torch.equal(model(idx)[:, :10], model(changed)[:, :10])
+
+
+def test_gpt2_flash_matches_einsum():
+    einsum, flash = tiny_gpt2(), tiny_gpt2(flash=True)
+    flash.load_state_dict(einsum.state_dict())
+    idx = torch.randint(0, 50257, (2, 64))
+    with torch.no_grad():
+        assert (einsum(idx) - flash(idx)).abs().max() < 1e-5
+        for model in (einsum, flash):  # the cached path goes through the explicit mask
+            model.setup_cache(2, 64)
+            model(idx[:, :40], start_pos=0)
+        assert (einsum(idx[:, 40:], start_pos=40) - flash(idx[:, 40:], start_pos=40)).abs().max() < 1e-5
+
+
+# ---- generation: KV cache, sampling, end of text
+
+def test_cached_logits_equal_full_sequence_logits():
+    model = tiny_gpt2()
+    idx = torch.randint(0, 50257, (3, 30))
+    with torch.no_grad():
+        full = model(idx)
+        model.setup_cache(3, 30)
+        steps = [model(idx[:, :12], start_pos=0)]  # prefill, then one token at a time
+        steps += [model(idx[:, i:i + 1], start_pos=i) for i in range(12, 30)]
+    assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_generation_with_and_without_cache_agree(batch):
+    model = tiny_gpt2()  # context 64: 20 + 80 tokens go well past it
+    idx = torch.randint(0, 50257, (batch, 20))
+    with_cache = torch.stack(list(train.generate(model, idx, 80, use_cache=True)), dim=1)
+    without = torch.stack(list(train.generate(model, idx, 80, use_cache=False)), dim=1)
+    assert with_cache.shape == (batch, 80)
+    assert torch.equal(with_cache, without)
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for a model: row r emits token r + 1 until step eot_at[r], then the end token."""
+
+    def __init__(self, eot_at, eot_id=9):
+        super().__init__()
+        self.cfg = gpt2.Config(vocab_size=10, context_length=32)
+        self.eot_at, self.eot_id, self.weight = eot_at, eot_id, torch.nn.Parameter(torch.zeros(1))
+
+    def setup_cache(self, batch_size, max_len):
+        pass
+
+    def forward(self, idx, start_pos=None):
+        logits = torch.zeros(idx.shape[0], idx.shape[1], 10)
+        for r, step in enumerate(self.eot_at):
+            new = idx.shape[1] + (start_pos or 0) - 1  # tokens generated so far (prompt: 1 token)
+            logits[r, -1, self.eot_id if new >= step else r + 1] = 1.0
+        return logits
+
+
+def test_batched_generation_stops_each_row_at_end_of_text():
+    model = ScriptedModel(eot_at=[2, 5, 100])
+    out = torch.stack(list(train.generate(model, torch.zeros(3, 1, dtype=torch.long), 8, eot_id=9)), 1)
+    assert out[0].tolist() == [1, 1, 9, 9, 9, 9, 9, 9]  # row 0 ended, and stays ended
+    assert out[1].tolist() == [2, 2, 2, 2, 2, 9, 9, 9]
+    assert out[2].tolist() == [3] * 8
+    done = list(train.generate(ScriptedModel(eot_at=[2, 3]), torch.zeros(2, 1, dtype=torch.long), 50,
+                               eot_id=9))
+    assert len(done) == 4  # stops as soon as every row has ended
+
+
+def test_top_k_and_top_p_keep_only_the_likely_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    torch.manual_seed(0)
+    picks = {int(train.sample_next(logits, 1.0, 2, 1.0)) for _ in range(200)}
+    assert picks == {0, 1}
+    picks = {int(train.sample_next(logits, 1.0, None, 0.7)) for _ in range(200)}
+    assert picks == {0, 1}  # 0.5 alone is under 0.7; 0.5 + 0.3 covers it
+    picks = {int(train.sample_next(logits, 1.0, None, 0.4)) for _ in range(50)}
+    assert picks == {0}
+    assert int(train.sample_next(logits, 0.0, None, 1.0)) == 0  # greedy
+
+
+def test_same_seed_same_sample():
+    model = tiny_gpt2()
+    idx = torch.randint(0, 50257, (2, 5))
+
+    def draw(seed):
+        torch.manual_seed(seed)
+        return torch.stack(list(train.generate(model, idx, 20, temperature=1.0, top_k=50)), dim=1)
+
+    assert torch.equal(draw(1), draw(1))
+    assert not torch.equal(draw(1), draw(2))
+
+
+# ---- tokenizer
+
+def test_tokenizer_matches_gpt2_ids_offline():
+    tok = train.load_tokenizer("gpt2")
+    text = "Hello, do you like tea? <|endoftext|> In the sunlit terraces of someunknownPlace."
+    ids = [15496, 11, 466, 345, 588, 8887, 30, 220, 50256, 554, 262, 4252, 18250, 8812, 2114, 286, 617,
+           34680, 27271, 13]
+    assert tok.encode(text) == ids
+    assert tok.decode(ids) == text
+    assert tok.vocab_size == 50257 and tok.eot_id == 50256
+
+
+# ---- command line
+
+def parsed(*argv, usage="train.py"):
+    model_name, pairs, _ = train.parse_args(list(argv), usage)
+    cfg, model_cfg = train.TrainConfig(), gpt2.Config()
+    train.apply_overrides(pairs, [cfg, model_cfg], usage)
+    return model_name, cfg, model_cfg
+
+
+def test_overrides_are_parsed_into_the_field_types():
+    name, cfg, model_cfg = parsed("--model", "gpt2", "lr=1", "--epochs=3", "flash=False", "stride=None",
+                                  "prompt=a=b c", "n_layers=4", "dropout=0")
+    assert name == "gpt2"
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert cfg.epochs == 3 and cfg.stride is None and cfg.prompt == "a=b c"
+    assert model_cfg.flash is False and model_cfg.n_layers == 4 and model_cfg.dropout == 0.0
+    assert parsed("flash=true")[2].flash is True and parsed("stride=16")[1].stride == 16
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "gpt5"], "unknown model 'gpt5': choose one of gpt2"),
+    (["--model"], "--model needs a name"),
+    (["lrr=0.1"], "did you mean 'lr'"),
+    (["epochs=abc"], "epochs=abc: expected a whole number"),
+    (["lr=fast"], "lr=fast: expected a number"),
+    (["flash=maybe"], "expected true or false"),
+    (["epochs"], "'epochs' is not key=value"),
+])
+def test_bad_overrides_name_the_problem(argv, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        parsed(*argv)
+
+
+def test_unknown_key_lists_the_valid_keys():
+    with pytest.raises(UserError) as e:
+        parsed("colour=red")
+    assert "valid keys are" in str(e.value) and "batch_size" in str(e.value) and "n_layers" in str(e.value)
+
+
+def test_help_lists_every_key_with_type_and_default(capsys):
+    train.main(["--help"])
+    out = capsys.readouterr().out
+    for line in ("lr               float        0.0005", "n_layers         int          12",
+                 "stride           int | None   None", "config           str          ''"):
+        assert line in out
+
+
+# ---- training
+
+def test_train_errors_for_bad_data(tmp_path, story):
+    def train_on(path, *extra):
+        train.main(["config=tiny", f"data={path}", f"out_dir={tmp_path / 'out'}", "device=cpu", *extra])
+
+    with pytest.raises(UserError, match="not found"):
+        train_on(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(UserError, match="is empty"):
+        train_on(tmp_path / "empty.txt")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me ".encode("latin-1") * 50)
+    with pytest.raises(UserError, match="not UTF-8"):
+        train_on(tmp_path / "latin1.txt")
+    (tmp_path / "short.txt").write_text("Too short to make a window of 64 tokens. " * 3)
+    with pytest.raises(UserError, match="fewer than one window"):
+        train_on(tmp_path / "short.txt")
+    with pytest.raises(UserError, match="fewer than batch_size"):
+        train_on(story, "batch_size=64")
+    with pytest.raises(UserError, match="unknown config 'huge'"):
+        train_on(story, "config=huge")
+    with pytest.raises(UserError, match="device=tpu"):
+        train_on(story, "device=tpu")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="cannot write to out_dir"):
+        train.main(["config=tiny", f"data={story}", f"out_dir={blocker / 'out'}"])
+
+
+def test_tiny_model_loss_falls(tmp_path, story, capsys):
+    train.main(["config=tiny", f"data={story}", f"out_dir={tmp_path}", "epochs=4", "lr=3e-3",
+                "warmup_steps=2", "device=cpu", "dtype=float32", "batch_size=4"])
+    history = torch.load(tmp_path / "ckpt.pt", weights_only=True)["history"]
+    assert history["train"][-1] < history["train"][0] - 1.0
+    assert history["step_loss"][-1] < history["step_loss"][0] - 3.0
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert "epoch  4" in capsys.readouterr().out
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = tiny_gpt2(n_layers=1)
+    path = str(tmp_path / "ckpt.pt")
+    train.save_checkpoint({"model": model.state_dict(), "model_name": "gpt2",
+                           "model_config": model.cfg.__dict__, "tokenizer": "gpt2"}, path)
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temporary file was renamed away
+    loaded, ckpt = train.load_checkpoint(str(tmp_path), "cpu")
+    idx = torch.randint(0, 50257, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(model(idx), loaded.eval()(idx))
+    assert loaded.lm_head.weight is loaded.token_embedding.weight  # still tied
+
+
+def test_missing_or_corrupt_checkpoint(tmp_path):
+    with pytest.raises(UserError, match="no checkpoint at"):
+        train.load_checkpoint(str(tmp_path), "cpu")
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UserError, match="is not a checkpoint this project can load"):
+        train.load_checkpoint(str(tmp_path), "cpu")
+
+
+# ---- end to end, in subprocesses as a user runs them
+
+def test_train_then_sample_end_to_end(tmp_path, story):
+    out = tmp_path / "out"
+    result = run_script("train.py", "--model", "gpt2", "config=tiny", "epochs=1", f"data={story}",
+                        f"out_dir={out}", "device=cpu")
+    assert result.returncode == 0, result.stderr
+    assert "train loss" in result.stdout and "val loss" in result.stdout
+    assert (out / "ckpt.pt").exists() and (out / "loss.png").exists()
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["model_name"] == "gpt2" and ckpt["tokenizer"] == "gpt2"
+    assert ckpt["model_config"]["n_layers"] == 2 and ckpt["train_config"]["epochs"] == 1
+
+    result = run_script("sample.py", f"init_from={out}", "prompt=The painter", "max_new_tokens=12",
+                        "seed=7")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The painter") and "tokens/s" in result.stderr
+    again = run_script("sample.py", f"init_from={out}", "prompt=The painter", "max_new_tokens=12",
+                       "seed=7")
+    assert again.stdout == result.stdout  # same seed, same text
+
+    batch = run_script("sample.py", f"init_from={out}", "num_samples=3", "max_new_tokens=5",
+                       "temperature=0", f"prompt={'word ' * 100}")
+    assert batch.returncode == 0, batch.stderr
+    assert batch.stdout.count("--- sample") == 3
+    assert "only its last 64 tokens are used" in batch.stderr  # a long prompt is cropped, with a note
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("train.py", ["--model", "no_such_model"], "unknown model"),
+    ("train.py", ["no_such_key=1"], "unknown key"),
+    ("train.py", ["epochs=abc"], "expected a whole number"),
+    ("sample.py", ["init_from=/no/such/dir"], "no checkpoint at"),
+    ("sample.py", ["top_k=0"], "top_k=0"),
+    ("sample.py", ["temperature=-1"], "negative"),
+    ("sample.py", ["top_p=1.5"], "top_p=1.5"),
+])
+def test_bad_input_gives_one_line_and_status_2(tmp_path, script, args, message):
+    if script == "sample.py" and not args[0].startswith("init_from"):  # needs a checkpoint to get there
+        model = tiny_gpt2(n_layers=1)
+        train.save_checkpoint({"model": model.state_dict(), "model_name": "gpt2",
+                               "model_config": model.cfg.__dict__, "tokenizer": "gpt2"},
+                              str(tmp_path / "ckpt.pt"))
+        args = [*args, f"init_from={tmp_path}"]
+    result = run_script(script, *args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
