@@ -26,12 +26,16 @@ _LLAMA_REAL_SIZES = [  # from the published checkpoints
 # original_max_position_embeddings wherever the Llama 3.1 scaling is on.
 _LLAMA_SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2)
 _LLAMA_HF_CONFIGS = {
-    "llama2-mha": (llama2, 24, dict(num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-5,
-                                    max_position_embeddings=64, rope_parameters={"rope_theta": 10000.0})),
-    "llama2-gqa": (llama2, 24, dict(num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-6,
-                                    max_position_embeddings=64, rope_parameters={"rope_theta": 20000.0})),
-    "llama3-gqa": (llama3, 40, dict(num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-                                    max_position_embeddings=64, rope_parameters={"rope_theta": 500000.0})),
+    # name: (our module, sequence length, LlamaConfig arguments besides _LLAMA_SMALL)
+    "llama2-mha": (llama2, 24, dict(
+        num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-5, max_position_embeddings=64,
+        rope_parameters={"rope_theta": 10000.0})),
+    "llama2-gqa": (llama2, 24, dict(
+        num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=64,
+        rope_parameters={"rope_theta": 20000.0})),
+    "llama3-gqa": (llama3, 40, dict(
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=64,
+        rope_parameters={"rope_theta": 500000.0})),
     "llama3.1-scaled-mqa": (llama3, 160, dict(
         num_attention_heads=4, num_key_value_heads=1, rms_norm_eps=1e-5, max_position_embeddings=256,
         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
@@ -47,7 +51,7 @@ _LLAMA_HF_CONFIGS = {
 
 
 def _llama_randomize(model, seed):
-    """Weights large enough that attention matters (init's 0.02 leaves it nearly uniform); norms != 1."""
+    """Weights large enough that attention matters (std 0.02 leaves it nearly uniform); norms != 1."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -57,7 +61,7 @@ def _llama_randomize(model, seed):
 
 
 def _llama_hf(name, seed=0):
-    """A random LlamaForCausalLM of one of _LLAMA_HF_CONFIGS, float32, eval, eager (reference) attention."""
+    """A random LlamaForCausalLM of _LLAMA_HF_CONFIGS[name]: float32, eval, eager attention."""
     module, seq_len, kwargs = _LLAMA_HF_CONFIGS[name]
     config = LlamaConfig(**_LLAMA_SMALL, **kwargs, attn_implementation="eager")
     return _llama_randomize(LlamaForCausalLM(config), seed).eval(), module, seq_len
@@ -111,7 +115,8 @@ def _llama_max_diff(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
-@pytest.mark.parametrize("module, preset, expected", _LLAMA_REAL_SIZES, ids=[p for _, p, _ in _LLAMA_REAL_SIZES])
+@pytest.mark.parametrize("module, preset, expected", _LLAMA_REAL_SIZES,
+                         ids=[preset for _, preset, _ in _LLAMA_REAL_SIZES])
 def test_llama_parameter_count(module, preset, expected):
     with torch.device("meta"):
         model = module.Transformer(module.Config(**module.PRESETS[preset]))
@@ -202,7 +207,8 @@ def test_llama_kv_cache_matches_full_sequence(name, flash):
 ], ids=["llama2-mha", "llama3-gqa", "llama3-scaled-mqa"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_llama_generate_same_with_and_without_cache(module, overrides, batch):
-    cfg = module.Config(**{**module.PRESETS["toy"], "vocab_size": 128, "context_length": 12, **overrides})
+    cfg = module.Config(**{**module.PRESETS["toy"], "vocab_size": 128, "context_length": 12,
+                           **overrides})
     model = _llama_randomize(module.Transformer(cfg), seed=2).eval()
     idx = torch.randint(0, cfg.vocab_size, (batch, 5), generator=torch.Generator().manual_seed(3))
     n = 20  # 5 + 20 tokens: the window slides past the 12-token context
