@@ -28,7 +28,7 @@ from tiktoken_ext.openai_public import r50k_pat_str
 from tqdm import tqdm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODELS = {"gpt2": "verdict"}  # architecture file -> the preset it trains by default
+MODELS = {"gpt2": "verdict", "llama2": "toy", "llama3": "toy"}  # architecture file -> default preset
 VERDICT = "data/the-verdict.txt"
 VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/"
                "01_main-chapter-code/the-verdict.txt")
