@@ -29,6 +29,7 @@ class Config:
     norm_eps: float = 1e-5       # RMSNorm epsilon
     rope_theta: float = 10000.0  # RoPE base: the slowest pair turns once every ~2*pi*theta positions
     tie_weights: bool = False    # output head shares the token embedding's weight
+    embedding_std: float = 0.02  # init std of the token embedding
     flash: bool = False          # F.scaled_dot_product_attention instead of the einsum reference
     dtype: str = "bfloat16"      # dtype the weights are created in: float32 or bfloat16
 
@@ -38,8 +39,8 @@ PRESETS = {
     "llama2-13b": dict(d_model=5120, n_layers=40, n_heads=40, n_kv_heads=40, d_ff=13824),  # 13B
     "llama2-70b": dict(d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28672),   # 69B, GQA
     # small enough to train on The Verdict with GPT-2's tokenizer (train.py)
-    "toy":        dict(vocab_size=50257, context_length=256, d_model=64, n_layers=2,
-                       n_heads=4, n_kv_heads=4, d_ff=192, dtype="float32"),
+    "toy":        dict(vocab_size=50257, context_length=256, d_model=384, n_layers=6,
+                       n_heads=6, n_kv_heads=6, d_ff=1024, dtype="float32"),  # 49M
 }
 
 
@@ -178,8 +179,10 @@ class Transformer(nn.Module):
         # built on the meta device and loaded with load_state_dict(..., assign=True) is complete.
 
     def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.embedding_std)
 
     def setup_cache(self, batch_size, max_len):
         """Give every attention layer an empty KV cache for generation (forward with start_pos)."""

@@ -33,6 +33,7 @@ class Config:
     rope_high_freq_factor: float = 4.0  # pairs making more turns than this are fast: kept as they are
     rope_original_context: int = 8192   # context length the unscaled frequencies were trained for
     tie_weights: bool = False    # output head shares the token embedding's weight
+    embedding_std: float = 0.02  # init std of the token embedding
     flash: bool = False          # F.scaled_dot_product_attention instead of the einsum reference
     dtype: str = "bfloat16"      # dtype the weights are created in: float32 or bfloat16
 
@@ -45,8 +46,8 @@ PRESETS = {
     "llama3.2-3b": dict(context_length=131072, rope_factor=32.0, d_model=3072, n_layers=28,
                         n_heads=24, d_ff=8192, tie_weights=True),              # 3.2B
     # small enough to train on The Verdict with GPT-2's tokenizer (train.py)
-    "toy":         dict(vocab_size=50257, context_length=256, d_model=64, n_layers=2,
-                        n_heads=4, n_kv_heads=2, d_ff=192, dtype="float32"),
+    "toy":         dict(vocab_size=50257, context_length=256, d_model=384, n_layers=6,
+                        n_heads=6, n_kv_heads=2, d_ff=1024, dtype="float32"),  # 48M
 }
 
 
@@ -197,8 +198,10 @@ class Transformer(nn.Module):
         # built on the meta device and loaded with load_state_dict(..., assign=True) is complete.
 
     def _init_weights(self, module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.embedding_std)
 
     def setup_cache(self, batch_size, max_len):
         """Give every attention layer an empty KV cache for generation (forward with start_pos)."""
