@@ -449,6 +449,11 @@ def test_llama_parameter_count(module, preset, expected):
     assert not any(m.bias is not None for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
+# small enough for fast tests; the toy presets train on The Verdict and are larger
+_LLAMA_TEST = dict(vocab_size=128, context_length=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
+                   d_ff=192, dtype="float32")
+
+
 @pytest.mark.parametrize("module", [llama2, llama3])
 def test_llama_toy_preset(module):
     cfg = module.Config(**module.PRESETS["toy"])
@@ -461,7 +466,7 @@ def test_llama_toy_preset(module):
 @pytest.mark.parametrize("module, n_kv_heads", [(llama2, 4), (llama2, 2), (llama3, 4), (llama3, 1)])
 def test_llama_flash_matches_einsum(module, n_kv_heads):
     torch.manual_seed(0)
-    cfg = module.Config(**{**module.PRESETS["toy"], "vocab_size": 128, "n_kv_heads": n_kv_heads})
+    cfg = module.Config(**{**_LLAMA_TEST, "n_kv_heads": n_kv_heads})
     model = _llama_randomize(module.Transformer(cfg), seed=0).eval()
     idx = torch.randint(0, cfg.vocab_size, (2, 20))
     with torch.no_grad():
@@ -531,7 +536,7 @@ def test_llama_kv_cache_matches_full_sequence(name, flash):
 ], ids=["llama2-mha", "llama3-gqa", "llama3-scaled-mqa"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_llama_generate_same_with_and_without_cache(module, overrides, batch):
-    cfg = module.Config(**{**module.PRESETS["toy"], "vocab_size": 128, "context_length": 12,
+    cfg = module.Config(**{**_LLAMA_TEST, "context_length": 12,
                            **overrides})
     model = _llama_randomize(module.Transformer(cfg), seed=2).eval()
     idx = torch.randint(0, cfg.vocab_size, (batch, 5), generator=torch.Generator().manual_seed(3))
@@ -569,7 +574,7 @@ def test_llama_long_context_allocates_no_context_squared_mask():
     assert model.cfg.context_length == 131072
     assert all(b.numel() < 131072 ** 2 for b in model.buffers())
     # a real model with that context: a 131,072^2 mask would need 17 GB
-    cfg = llama3.Config(**{**llama3.PRESETS["toy"], "vocab_size": 128, "context_length": 131072,
+    cfg = llama3.Config(**{**_LLAMA_TEST, "context_length": 131072,
                            "rope_factor": 8.0})
     model = llama3.Transformer(cfg).eval()
     assert sum(b.numel() for b in model.buffers()) < 131072 * 64
