@@ -1,8 +1,9 @@
-"""Generate text with a model trained by train.py.
+"""Generate text with a model trained by train.py, or with GPT-2's published weights.
 
     python sample.py                                     # out/ckpt.pt, continuing "Every effort moves you"
     python sample.py prompt="I had always" temperature=0 # greedy
     python sample.py top_k=50 top_p=0.9 num_samples=3    # three samples, generated as one batch
+    python sample.py init_from=gpt2-xl                   # GPT-2's published weights (see load_hf.py)
     python sample.py --help                              # every key, with its type and default
 """
 import dataclasses
@@ -18,7 +19,7 @@ from train import (UserError, apply_overrides, generate, load_checkpoint, load_t
 
 @dataclass
 class SampleConfig:
-    init_from: str = "out"       # checkpoint file, or the out_dir holding ckpt.pt
+    init_from: str = "out"       # checkpoint file, its out_dir, a Hugging Face folder or hub id (gpt2, ...)
     prompt: str = "Every effort moves you"
     max_new_tokens: int = 50
     temperature: float = 0.8     # 0 = greedy (always the most likely token)
@@ -70,11 +71,14 @@ def main(argv):
         print_help(__doc__, [("keys", cfg)])
         return
     device = pick_device(cfg.device)
-    model, ckpt = load_checkpoint(cfg.init_from, device)
+    model, ckpt = load_checkpoint(cfg.init_from, device, dtype=None)  # None: Hugging Face weights as stored
     if model_name is not None and model_name != ckpt["model_name"]:
         raise UserError(f"--model {model_name} does not match the checkpoint, which holds a "
                         f"{ckpt['model_name']} model: leave --model out")
     tokenizer = load_tokenizer(ckpt["tokenizer"])
+    if model.cfg.vocab_size < tokenizer.vocab_size:  # possible in a Hugging Face folder
+        raise UserError(f"the model knows {model.cfg.vocab_size} tokens, fewer than the {ckpt['tokenizer']} "
+                        f"tokenizer's {tokenizer.vocab_size}: it was trained with another tokenizer")
     dtype = check(cfg, tokenizer.vocab_size)
     if dtype is not None:
         model = model.to(dtype)

@@ -1,18 +1,22 @@
 """Tests: python -m pytest test_models.py  (CPU, offline)."""
+import json
 import os
 import subprocess
 import sys
 
-import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is first imported: it reads this once
 
-import gpt2
-import llama2
-import llama3
-import sample
-import train
-from train import UserError
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import gpt2  # noqa: E402
+import llama2  # noqa: E402
+import llama3  # noqa: E402
+import load_hf  # noqa: E402
+import sample  # noqa: E402
+import train  # noqa: E402
+from train import UserError  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -584,3 +588,211 @@ def test_llama_long_context_allocates_no_context_squared_mask():
         model.setup_cache(1, 16)
         assert _llama_max_diff(model(idx[:, :7], start_pos=0)[:, -1], full[:, 6]) < 1e-5
         assert _llama_max_diff(model(idx[:, 7:], start_pos=7)[:, -1], full[:, 7]) < 1e-5
+
+
+# ---- load_hf.py: Hugging Face GPT-2 weights
+# transformers' own GPT2LMHeadModel, built from a config and saved with save_pretrained, stands in for
+# the published checkpoints: same files, same names, random weights. Nothing here touches the network.
+
+_HF_SMALL = dict(n_positions=128, n_embd=64, n_layer=2, n_head=4)  # GPT-2's vocabulary, tiny otherwise
+
+
+def _hf_env(tmp_path):
+    """Environment for a subprocess: offline, with an empty Hugging Face cache."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+
+
+def _hf_model(seed=0, **config):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**config)).eval()
+
+
+def _hf_save(folder, **config):
+    model = _hf_model(**config)
+    model.save_pretrained(folder)
+    return model, str(folder)
+
+
+def _hf_assert_same(ours, theirs, vocab_size, prompt_len=12, new_tokens=30):
+    """Logits within 1e-4 on a batch of 2, and the same greedy tokens as HF's generate(do_sample=False)."""
+    torch.manual_seed(1)
+    idx = torch.randint(0, vocab_size, (2, prompt_len))
+    ours.eval()
+    with torch.no_grad():
+        diff = (ours(idx) - theirs(idx).logits).abs().max().item()
+    assert diff < 1e-4, diff
+    theirs.generation_config.eos_token_id = None  # generate exactly new_tokens, as ours does without eot_id
+    expected = theirs.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
+                               max_new_tokens=new_tokens, pad_token_id=0)[:, prompt_len:]
+    got = torch.stack(list(train.generate(ours, idx, new_tokens)), dim=1)
+    assert torch.equal(got, expected)
+    return diff
+
+
+@pytest.fixture(scope="module")
+def _hf_124m(tmp_path_factory):
+    """GPT-2 124M's real config (GPT2Config's defaults), random weights, saved once for the module."""
+    return _hf_save(tmp_path_factory.mktemp("hf-gpt2"))
+
+
+@pytest.mark.parametrize("config", [_HF_SMALL, dict(_HF_SMALL, vocab_size=1000, tie_word_embeddings=False)],
+                         ids=["tied", "untied-vocab1000"])
+def test_hf_small_gpt2_matches_transformers(tmp_path, config):
+    theirs, folder = _hf_save(tmp_path, **config)
+    ours, ckpt = load_hf.load(folder)
+    assert ckpt["model_name"] == "gpt2" and ckpt["model_config"]["context_length"] == 128
+    assert (ours.lm_head.weight is ours.token_embedding.weight) == config.get("tie_word_embeddings", True)
+    assert gpt2.count_parameters(ours) == theirs.num_parameters()
+    _hf_assert_same(ours, theirs, theirs.config.vocab_size)
+
+
+@pytest.fixture
+def _hf_one_thread():
+    """One thread: on a busy 2-core machine, a second one makes 124M decoding several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_hf_124m_matches_transformers(_hf_124m, _hf_one_thread):
+    theirs, folder = _hf_124m
+    ours, _ = load_hf.load(folder)
+    assert gpt2.count_parameters(ours) == theirs.num_parameters() == 124_439_808
+    assert ours.lm_head.weight is ours.token_embedding.weight
+    assert all(p.dtype == torch.float32 for p in ours.parameters())
+    attn = ours.blocks[0].attn  # no copies: wq, wk and wv are views of c_attn's memory-mapped weight
+    assert attn.wq.weight.data_ptr() + 768 * 4 == attn.wk.weight.data_ptr()
+    _hf_assert_same(ours, theirs, 50257)
+
+
+@pytest.mark.parametrize("size, d, layers, heads, expected", [
+    ("gpt2", 768, 12, 12, 124_439_808), ("gpt2-medium", 1024, 24, 16, 354_823_168),
+    ("gpt2-large", 1280, 36, 20, 774_030_080), ("gpt2-xl", 1600, 48, 25, 1_557_611_200)])
+def test_hf_parameter_counts_of_all_sizes(size, d, layers, heads, expected):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    config = GPT2Config(n_embd=d, n_layer=layers, n_head=heads)
+    _, _, cfg = load_hf.gpt2_config(config.to_dict(), size)
+    with torch.device("meta"):  # shapes only
+        theirs, ours = GPT2LMHeadModel(config), gpt2.Transformer(cfg)
+    assert gpt2.count_parameters(ours) == theirs.num_parameters() == expected
+
+
+def test_hf_older_layouts_shards_and_dtype(tmp_path):
+    """Files as the hub's older checkpoints hold them (GPT2Model's names, causal-mask buffers), as
+    pytorch_model.bin, in shards, and in bfloat16."""
+    from safetensors.torch import save_file
+    theirs, folder = _hf_save(tmp_path / "new", **_HF_SMALL)
+    state = {k.removeprefix("transformer."): v for k, v in theirs.state_dict().items() if k != "lm_head.weight"}
+    state |= {f"h.{i}.attn.bias": torch.ones(1, 1, 128, 128).tril() for i in range(2)}
+    for name, save in [("model.safetensors", save_file), ("pytorch_model.bin", torch.save)]:
+        old = tmp_path / name
+        old.mkdir()
+        (old / "config.json").write_text(open(os.path.join(folder, "config.json")).read())
+        save(state, str(old / name))
+        _hf_assert_same(load_hf.load(str(old))[0], theirs, 50257, new_tokens=5)
+    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="2MB")
+    assert len([f for f in os.listdir(tmp_path / "sharded") if f.endswith(".safetensors")]) > 1
+    _hf_assert_same(load_hf.load(str(tmp_path / "sharded"))[0], theirs, 50257, new_tokens=5)
+
+    theirs.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert next(load_hf.load(str(tmp_path / "bf16"))[0].parameters()).dtype == torch.float32
+    kept, _ = load_hf.load(str(tmp_path / "bf16"), dtype=None)
+    assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
+    assert torch.equal(kept.blocks[1].attn.wk.weight,
+                       theirs.transformer.h[1].attn.c_attn.weight[:, 64:128].t())  # Conv1D, fused qkv
+
+
+def _hf_broken(folder, config=None, drop=None, reshape=None):
+    """A copy of a small checkpoint, with config.json changed, or a tensor dropped or reshaped."""
+    from safetensors.torch import save_file
+    os.makedirs(folder)
+    theirs = _hf_model(**_HF_SMALL)
+    (folder / "config.json").write_text(json.dumps({**theirs.config.to_dict(), **(config or {})}))
+    state = {k: v.clone() for k, v in theirs.state_dict().items() if k not in ("lm_head.weight", drop)}
+    if reshape:
+        state[reshape] = state[reshape][:, :-1].contiguous()
+    save_file(state, str(folder / "model.safetensors"))
+    return str(folder)
+
+
+def test_hf_bad_input_says_what_to_do(tmp_path, monkeypatch):
+    def fails(source, message):
+        with pytest.raises(UserError, match=message) as e:
+            load_hf.load(str(source))
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    fails(tmp_path / "nowhere", "no checkpoint at")
+    (tmp_path / "empty").mkdir()
+    fails(tmp_path / "empty", "no checkpoint at .*expected ckpt.pt")
+    fails(_hf_broken(tmp_path / "bert", config={"model_type": "bert"}), "holds a 'bert' model")
+    fails(_hf_broken(tmp_path / "relu", config={"activation_function": "relu"}), "activation_function=relu")
+    fails(_hf_broken(tmp_path / "wide", config={"n_inner": 100}), "n_inner=100")
+    message = fails(_hf_broken(tmp_path / "shape", reshape="transformer.h.1.attn.c_attn.weight"),
+                    r"h.1.attn.c_attn.weight has shape \(64, 191\)")
+    assert "(64, 192)" in message  # both shapes
+    fails(_hf_broken(tmp_path / "drop", drop="transformer.h.1.ln_2.bias"), "has no tensor h.1.ln_2.bias")
+    os.remove(tmp_path / "drop" / "model.safetensors")
+    fails(tmp_path / "drop", "no model.safetensors or pytorch_model.bin")
+    (tmp_path / "drop" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    fails(tmp_path / "drop", "cannot read .*model.safetensors")
+    (tmp_path / "drop" / "config.json").write_text("{'model_type': gpt2")
+    fails(tmp_path / "drop", "cannot read .*config.json")
+    _, folder = _hf_save(tmp_path / "vocab", **dict(_HF_SMALL, vocab_size=1000))
+    with pytest.raises(UserError, match="the model knows 1000 tokens, fewer than the gpt2 tokenizer's 50257"):
+        sample.main([f"init_from={folder}"])
+
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    fails("llm-from-scratch-tests/no-such-gpt2", "cannot reach the Hugging Face hub for "
+          "'llm-from-scratch-tests/no-such-gpt2' \\(offline\\?\\): download it elsewhere and pass the folder")
+
+
+def test_hf_convert_then_sample_in_subprocesses(tmp_path, capsys):
+    _, folder = _hf_save(tmp_path / "hf", **_HF_SMALL)
+    env, out = _hf_env(tmp_path), tmp_path / "converted"
+    convert = subprocess.run([sys.executable, "load_hf.py", folder, f"out_dir={out}"], cwd=HERE, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert convert.returncode == 0, convert.stderr
+    assert "3,324,736 parameters (gpt2, float32)" in convert.stdout and f"init_from={out}" in convert.stdout
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["model_name"] == "gpt2" and ckpt["model_config"]["n_layers"] == 2
+    args = ["prompt=The painter", "temperature=0", "max_new_tokens=8"]
+    converted = subprocess.run([sys.executable, "sample.py", f"init_from={out}", *args], cwd=HERE, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert converted.returncode == 0, converted.stderr
+    sample.main([f"init_from={folder}", *args])  # the Hugging Face folder directly: the same text
+    assert capsys.readouterr().out == converted.stdout and converted.stdout.startswith("The painter")
+
+    for script in ("sample.py", "train.py"):
+        offline = subprocess.run([sys.executable, script, "init_from=gpt2"], cwd=HERE, env=env,
+                                 capture_output=True, text=True, timeout=300)
+        assert offline.returncode == 2 and "Traceback" not in offline.stderr
+        assert offline.stderr.strip().splitlines() == [
+            f"{script}: cannot reach the Hugging Face hub for 'gpt2' (offline?): download it elsewhere and "
+            f"pass the folder, init_from=path/to/folder"]
+
+
+def test_hf_train_continues_pretrained_weights(tmp_path, story):
+    _, folder = _hf_save(tmp_path / "hf", **_HF_SMALL)
+
+    def run(*extra):
+        train.main([f"init_from={folder}", f"data={story}", f"out_dir={tmp_path / 'out'}", "device=cpu",
+                    "dtype=float32", "epochs=1", *extra])
+
+    for extra, message in [(["n_layers=4"], "n_layers=4 would change the architecture"),
+                           (["context_length=64"], "context_length=64 would change"),
+                           (["config=tiny"], "config=tiny picks a model to train from scratch"),
+                           (["seq_len=256"], "seq_len=256 is longer than the model's context_length=128"),
+                           (["--model", "gpt2", "lrr=1"], "did you mean 'lr'")]:
+        with pytest.raises(UserError, match=message):
+            run(*extra)
+    run("seq_len=64", "batch_size=4", "dropout=0", "flash=true", "lr=0", "min_lr=0", "weight_decay=0")
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["model_config"]["d_model"] == 64 and ckpt["model_config"]["flash"] is True
+    assert ckpt["train_config"]["init_from"] == folder and ckpt["train_config"]["seq_len"] == 64
+    pretrained, _ = load_hf.load(folder)
+    assert torch.equal(ckpt["model"]["blocks.1.mlp.up.weight"], pretrained.blocks[1].mlp.up.weight)  # lr=0

@@ -2,6 +2,7 @@
 
     python train.py                              # GPT-2 'verdict' preset, 10 epochs on The Verdict
     python train.py --model gpt2 config=tiny epochs=2 data=my.txt
+    python train.py init_from=gpt2 seq_len=256   # continue training GPT-2's published weights
     python train.py --help                       # every key, with its type and default
 
 Any key of TrainConfig below, or of the model's Config, can be set as key=value (or --key=value).
@@ -38,10 +39,12 @@ VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/c
 class TrainConfig:
     data: str = VERDICT          # UTF-8 text file to train on
     config: str = ""             # model preset (gpt2: verdict, tiny, gpt2, ...); "" = the model's default
+    init_from: str = "scratch"   # or pretrained weights: gpt2 ... gpt2-xl, a Hugging Face folder, a checkpoint
     out_dir: str = "out"         # where ckpt.pt and loss.png go
     epochs: int = 10
     batch_size: int = 2
-    stride: int | None = None    # step between training windows; None = context_length (no overlap)
+    seq_len: int | None = None   # tokens per training window; None = context_length
+    stride: int | None = None    # step between training windows; None = seq_len (no overlap)
     lr: float = 5e-4             # peak learning rate, reached after warmup_steps
     min_lr: float = 1e-5         # cosine decay ends here
     warmup_steps: int = 10       # linear warmup from 0
@@ -222,7 +225,7 @@ def make_windows(ids, context_length, stride, what):
     ids = torch.tensor(ids, dtype=torch.long)
     if len(ids) <= context_length:
         raise UserError(f"the {what} has {len(ids)} tokens, fewer than one window of context_length + 1 = "
-                        f"{context_length + 1}: use a longer text or a smaller context_length=")
+                        f"{context_length + 1}: use a longer text or a smaller seq_len= or context_length=")
     windows = ids.unfold(0, context_length + 1, stride)  # (n, t + 1)
     return windows[:, :-1], windows[:, 1:]
 
@@ -239,12 +242,14 @@ def save_checkpoint(checkpoint, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, device):
-    """Rebuild the model saved by train.py from a checkpoint file or the out_dir holding ckpt.pt."""
+def load_checkpoint(path, device, dtype=torch.float32):
+    """Rebuild the model saved by train.py from a checkpoint file or the out_dir holding ckpt.pt; or
+    load GPT-2 from a Hugging Face folder or hub id, in dtype (None: as stored) through load_hf.py."""
+    if not os.path.isfile(path) and not os.path.isfile(os.path.join(path, "ckpt.pt")):
+        import load_hf  # here, not at the top: load_hf.py imports this file
+        return load_hf.load(path, device, dtype)  # it also says when path is nothing loadable
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train one with python train.py, or pass init_from=")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
         arch = import_model(ckpt["model_name"])
@@ -366,22 +371,55 @@ def plot_losses(history, path):
     plt.close(fig)
 
 
+KEEPS_WEIGHTS = ("dropout", "flash")  # the model keys that may change when training pretrained weights
+
+
+def pretrained_model(cfg, model_name, pairs, usage):
+    """The model whose weights cfg.init_from holds, with pairs applied to cfg and to its config; keys
+    that would change its architecture are refused, since the weights would no longer fit."""
+    if cfg.config:
+        raise UserError(f"config={cfg.config} picks a model to train from scratch, but init_from="
+                        f"{cfg.init_from} brings its own: leave config out")
+    loaded, ckpt = load_checkpoint(cfg.init_from, "cpu")
+    if model_name not in (None, ckpt["model_name"]):
+        raise UserError(f"--model {model_name} does not match init_from={cfg.init_from}, which holds a "
+                        f"{ckpt['model_name']} model: leave --model out")
+    model_cfg = dataclasses.replace(loaded.cfg)
+    apply_overrides(pairs, [cfg, model_cfg], usage)
+    changed = [f"{f.name}={getattr(model_cfg, f.name)}" for f in dataclasses.fields(model_cfg)
+               if f.name not in KEEPS_WEIGHTS and getattr(model_cfg, f.name) != getattr(loaded.cfg, f.name)]
+    if changed:
+        raise UserError(f"{' '.join(changed)} would change the architecture of init_from={cfg.init_from}: "
+                        f"leave it out (only {' and '.join(KEEPS_WEIGHTS)} may change; seq_len= sets "
+                        f"shorter training windows)")
+    with torch.device("meta"):  # rebuilt with the new dropout and flash, around the same weights
+        model = import_model(ckpt["model_name"]).Transformer(model_cfg)
+    model.load_state_dict(loaded.state_dict(keep_vars=True), assign=True)  # the same Parameters: still tied
+    return model, ckpt["model_name"]
+
+
 def main(argv):
     usage = "train.py"
     model_name, pairs, want_help = parse_args(argv, usage)
-    model_name = model_name or "gpt2"
-    arch = import_model(model_name)
     cfg = TrainConfig()
-    apply_overrides({k: v for k, v in pairs.items() if k == "config"}, [cfg], usage)
-    model_cfg = model_config(arch, cfg.config or MODELS[model_name])
-    apply_overrides(pairs, [cfg, model_cfg], usage)
+    apply_overrides({k: v for k, v in pairs.items() if k in ("config", "init_from")}, [cfg], usage)
+    if cfg.init_from == "scratch":
+        model_name = model_name or "gpt2"
+        model_cfg = model_config(import_model(model_name), cfg.config or MODELS[model_name])
+        apply_overrides(pairs, [cfg, model_cfg], usage)
+    else:
+        pretrained, model_name = pretrained_model(cfg, model_name, pairs, usage)
+        model_cfg = pretrained.cfg
+    arch = import_model(model_name)
+    what = (cfg.config or MODELS[model_name]) if cfg.init_from == "scratch" else f"init_from={cfg.init_from}"
     if want_help:
-        print_help(__doc__, [("training keys", cfg),
-                             (f"model keys ({model_name}, config={cfg.config or MODELS[model_name]})",
-                              model_cfg)])
+        print_help(__doc__, [("training keys", cfg), (f"model keys ({model_name}, {what})", model_cfg)])
         return
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.eval_iters < 1 or (cfg.stride or 1) < 1:
-        raise UserError("epochs, batch_size, eval_iters and stride must be at least 1")
+    if min(cfg.epochs, cfg.batch_size, cfg.eval_iters, cfg.stride or 1, cfg.seq_len or 1) < 1:
+        raise UserError("epochs, batch_size, eval_iters, stride and seq_len must be at least 1")
+    if (cfg.seq_len or 0) > model_cfg.context_length:
+        raise UserError(f"seq_len={cfg.seq_len} is longer than the model's context_length="
+                        f"{model_cfg.context_length}: use at most {model_cfg.context_length}")
 
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
@@ -400,7 +438,8 @@ def main(argv):
                         f"{tokenizer.vocab_size}: leave vocab_size at its default")
     text = read_text(cfg.data)
     split = int(0.9 * len(text))
-    ctx, stride = model_cfg.context_length, cfg.stride or model_cfg.context_length
+    ctx = cfg.seq_len or model_cfg.context_length
+    stride = cfg.stride or ctx
     train_x, train_y = make_windows(tokenizer.encode(text[:split]), ctx, stride, f"training part of {cfg.data}")
     val_x, val_y = make_windows(tokenizer.encode(text[split:]), ctx, stride,
                                 f"validation part (last 10%) of {cfg.data}")
@@ -409,7 +448,7 @@ def main(argv):
                         f"{cfg.batch_size}: use a smaller batch_size or context_length, or a longer text")
 
     torch.manual_seed(cfg.seed)
-    model = arch.Transformer(model_cfg).to(device)
+    model = (arch.Transformer(model_cfg) if cfg.init_from == "scratch" else pretrained).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and embeddings, not biases or norms
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -418,7 +457,7 @@ def main(argv):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     steps_per_epoch = len(train_x) // cfg.batch_size
     total_steps = cfg.epochs * steps_per_epoch
-    print(f"{model_name} ({cfg.config or MODELS[model_name]}): {arch.count_parameters(model):,} parameters,"
+    print(f"{model_name} ({what}): {arch.count_parameters(model):,} parameters,"
           f" {len(train_x) * ctx:,} training tokens in {len(train_x)} windows, {total_steps} steps,"
           f" {device} {str(dtype).removeprefix('torch.')}")
 
@@ -470,6 +509,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    sys.modules["train"] = sys.modules["__main__"]  # so that load_hf.py imports this module, not a copy
     try:
         main(sys.argv[1:])
     except UserError as e:
