@@ -4,6 +4,7 @@
     python sample.py prompt="I had always" temperature=0 # greedy
     python sample.py top_k=50 top_p=0.9 num_samples=3    # three samples, generated as one batch
     python sample.py init_from=gpt2-xl                   # GPT-2's published weights (see load_hf.py)
+    python sample.py init_from=path/to/Llama-3.2-1B      # a Llama folder, with its own tokenizer
     python sample.py --help                              # every key, with its type and default
 """
 import dataclasses
@@ -50,10 +51,13 @@ def check(cfg, vocab_size):
 
 
 class Printer:
-    """Streams one sample to the terminal, holding back bytes that don't yet make a whole character."""
+    """Streams one sample to the terminal, holding back bytes that don't yet make a whole character.
+    New tokens are decoded after the prompt's: alone, a SentencePiece tokenizer's (Llama 2's) would
+    lose the space before their first word."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.shown = tokenizer, [], 0
+    def __init__(self, tokenizer, prompt_ids):
+        self.tokenizer, self.ids = tokenizer, list(prompt_ids)
+        self.shown = len(tokenizer.decode(self.ids))
 
     def add(self, token_id):
         self.ids.append(token_id)
@@ -98,7 +102,7 @@ def main(argv):
     t0, n_tokens = time.perf_counter(), 0
     if cfg.num_samples == 1:  # stream the text as it comes
         print(tokenizer.decode(ids), end="", flush=True)
-        printer = Printer(tokenizer)
+        printer = Printer(tokenizer, ids)
         for next_id in steps:
             n_tokens += 1
             if next_id[0] == tokenizer.eot_id:

@@ -187,11 +187,44 @@ class Tokenizer:
     def decode(self, ids):
         return self.enc.decode(ids)
 
+    def save(self, out_dir):
+        """What a checkpoint in out_dir records to find this tokenizer again: here, nothing to copy."""
+        return "gpt2"
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer folder (tokenizer.json, which Llama checkpoints bring), read with
+    transformers' AutoTokenizer from local files only, behind the same interface as Tokenizer."""
+
+    def __init__(self, folder):
+        if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            raise UserError(f"{folder} has no tokenizer.json: copy the model's tokenizer files (tokenizer.json, "
+                            f"tokenizer_config.json) beside its config.json")
+        from transformers import AutoTokenizer  # here, not at the top: importing it takes seconds
+        try:
+            self.hf = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except Exception as e:  # a truncated or foreign file
+            raise UserError(f"cannot read the tokenizer in {folder} ({type(e).__name__}): copy the model's "
+                            f"tokenizer files again") from None
+        self.name = folder
+        self.eot_id = self.hf.eos_token_id  # Llama 3: <|end_of_text|>, Llama 2: </s>
+        self.vocab_size = len(self.hf)  # special tokens included
+
+    def encode(self, text):
+        return self.hf.encode(text)  # with the start token (<s>, <|begin_of_text|>) the model expects
+
+    def decode(self, ids):
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+    def save(self, out_dir):
+        """A copy in out_dir/tokenizer, so that the checkpoint there stands alone; it records the folder."""
+        self.hf.save_pretrained(os.path.join(out_dir, "tokenizer"))
+        return "tokenizer"  # relative to the checkpoint's folder, see load_checkpoint
+
 
 def load_tokenizer(name):
-    if name != "gpt2":
-        raise UserError(f"unknown tokenizer '{name}'")
-    return Tokenizer()
+    """GPT-2's tokenizer ("gpt2"), or the Hugging Face tokenizer in the folder name (a Llama's)."""
+    return Tokenizer() if name == "gpt2" else HFTokenizer(name)
 
 
 def read_text(path):
@@ -258,6 +291,8 @@ def load_checkpoint(path, device, dtype=torch.float32):
     except Exception as e:  # truncated file, not a checkpoint, or weights of another shape
         raise UserError(f"{path} is not a checkpoint this project can load ({type(e).__name__}): "
                         f"retrain it with python train.py or pass another init_from=") from None
+    if ckpt["tokenizer"] != "gpt2":  # a tokenizer folder beside ckpt.pt (HFTokenizer.save)
+        ckpt["tokenizer"] = os.path.join(os.path.dirname(path), ckpt["tokenizer"])
     return model.to(device), ckpt
 
 
@@ -395,7 +430,7 @@ def pretrained_model(cfg, model_name, pairs, usage):
     with torch.device("meta"):  # rebuilt with the new dropout and flash, around the same weights
         model = import_model(ckpt["model_name"]).Transformer(model_cfg)
     model.load_state_dict(loaded.state_dict(keep_vars=True), assign=True)  # the same Parameters: still tied
-    return model, ckpt["model_name"]
+    return model, ckpt["model_name"], ckpt["tokenizer"]
 
 
 def main(argv):
@@ -407,8 +442,9 @@ def main(argv):
         model_name = model_name or "gpt2"
         model_cfg = model_config(import_model(model_name), cfg.config or MODELS[model_name])
         apply_overrides(pairs, [cfg, model_cfg], usage)
+        tokenizer_name = "gpt2"
     else:
-        pretrained, model_name = pretrained_model(cfg, model_name, pairs, usage)
+        pretrained, model_name, tokenizer_name = pretrained_model(cfg, model_name, pairs, usage)
         model_cfg = pretrained.cfg
     arch = import_model(model_name)
     what = (cfg.config or MODELS[model_name]) if cfg.init_from == "scratch" else f"init_from={cfg.init_from}"
@@ -432,7 +468,7 @@ def main(argv):
         raise UserError(f"cannot write to out_dir={cfg.out_dir} ({e.strerror}): pass another out_dir=")
 
     # data: the first 90% of the text trains, the last 10% validates
-    tokenizer = load_tokenizer("gpt2")
+    tokenizer = load_tokenizer(tokenizer_name)  # pretrained weights keep theirs (a Llama's own)
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise UserError(f"vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                         f"{tokenizer.vocab_size}: leave vocab_size at its default")
@@ -503,7 +539,7 @@ def main(argv):
     path = os.path.join(cfg.out_dir, "ckpt.pt")
     save_checkpoint({"model": model.state_dict(), "model_name": model_name,
                      "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(cfg),
-                     "tokenizer": tokenizer.name, "history": history}, path)
+                     "tokenizer": tokenizer.save(cfg.out_dir), "history": history}, path)
     plot_losses(history, os.path.join(cfg.out_dir, "loss.png"))
     print(f"saved {path} and {os.path.join(cfg.out_dir, 'loss.png')}")
 
