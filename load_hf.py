@@ -1,25 +1,35 @@
-"""Load GPT-2's published weights from Hugging Face into gpt2.py's model, one tensor at a time.
+"""Load published weights from Hugging Face into our models, one tensor at a time: GPT-2 into gpt2.py,
+Llama 2, 3, 3.1 and 3.2 into llama2.py or llama3.py.
 
     python load_hf.py gpt2                       # downloaded once into the HF cache, written to out-gpt2/ckpt.pt
-    python load_hf.py path/to/folder out_dir=out-mine dtype=checkpoint
+    python load_hf.py path/to/Llama-3.2-1B       # a folder: config.json, *.safetensors, tokenizer.json
+    python load_hf.py path/to/folder out_dir=out-mine dtype=float32
     python sample.py init_from=gpt2-medium       # sample.py and train.py also take a hub id or folder directly
     python train.py init_from=gpt2 seq_len=256   # continue training the pretrained weights
 
 A source is a hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or owner/name such as
-openai-community/gpt2), fetched through huggingface_hub's download and cache as transformers does, or a
-folder written by save_pretrained: config.json and model.safetensors (its shards, or pytorch_model.bin).
-Every size is read from config.json.
+openai-community/gpt2 or meta-llama/Llama-3.2-1B), fetched through huggingface_hub's download and cache
+as transformers does, or a folder written by save_pretrained: config.json and model.safetensors (or its
+shards, listed in model.safetensors.index.json, or pytorch_model.bin). config.json's model_type picks
+the family, and every size is read from it.
 
 Hugging Face's GPT-2 is the same network as gpt2.py's, stored differently: its linear layers are
 Conv1D, whose weight is (in, out), the transpose of nn.Linear's (out, in); the query, key and value
 projections are one fused c_attn; the output head is the token embedding (tied). gpt2_tensors below
 lists every tensor, one line each.
 
+Hugging Face's Llama stores every weight as nn.Linear does, so llama_tensors copies each as it is. The
+file is llama3.py when the RoPE is Llama 3's (Llama 3.1's frequency scaling, or Llama 3's base theta
+500,000), llama2.py otherwise. A Llama brings its own tokenizer: the folder's tokenizer.json, read with
+transformers' AutoTokenizer; a converted checkpoint keeps a copy of it in out_dir/tokenizer.
+
 Memory: the model is built on the meta device (shapes only) and given the file's tensors themselves
 with load_state_dict(assign=True). A safetensors file is memory-mapped, as transformers does, so
 nothing is copied: our (out, in) weights are transposed views of HF's (in, out) memory, which
 nn.Linear multiplies by as fast, and the pages are read from disk when first used. Only a change of
 dtype or device makes copies, one tensor at a time. Loading never holds two copies of the weights.
+The checkpoint written keeps the dtype the weights are stored in (GPT-2's float32, Llama 3's bfloat16)
+unless dtype= says otherwise.
 """
 import dataclasses
 import json
@@ -33,7 +43,10 @@ import torch.nn as nn
 from safetensors import safe_open
 
 import gpt2
-from train import UserError, apply_overrides, import_model, parse_args, print_help, save_checkpoint
+import llama2
+import llama3
+from train import (UserError, apply_overrides, import_model, load_tokenizer, parse_args, print_help,
+                   save_checkpoint)
 
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # hub ids that have no owner/ part
 AS_IS, CONV1D = "as is", "Conv1D"  # how HF stores one of our tensors: unchanged, or transposed
@@ -106,9 +119,102 @@ def gpt2_tensors(cfg):
     return tensors
 
 
-# config.json's model_type -> (reads its config, lists its tensors). Another family is one more entry:
-# its config function names the architecture file (e.g. llama2 or llama3) and the tokenizer.
-FAMILIES = {"gpt2": (gpt2_config, gpt2_tensors)}
+# ----------------------------------------------------------------------------- Llama 2, 3, 3.1, 3.2
+
+LLAMA3_ROPE = {  # Llama 3.1's RoPE scaling in config.json -> llama3.py's Config
+    "factor": "rope_factor",
+    "low_freq_factor": "rope_low_freq_factor",
+    "high_freq_factor": "rope_high_freq_factor",
+    "original_max_position_embeddings": "rope_original_context",
+}
+
+
+def llama_config(hf, folder):
+    """llama2.py's or llama3.py's Config from config.json (hf, a dict); missing keys take LlamaConfig's
+    defaults, as in transformers. Variants neither file implements are refused.
+
+    The file is llama3.py when the RoPE is Llama 3's: Llama 3.1's frequency scaling (rope_type llama3,
+    also in 3.2), which only llama3.py implements, or Llama 3's base theta of 500,000. Anything else is
+    llama2.py, which has grouped-query attention and a tied head too (Llama 2 70B, TinyLlama, ...).
+    """
+    # transformers 5 writes rope_parameters, theta included; older files rope_theta and rope_scaling
+    # (null, or a dict whose type is its rope_type, in the oldest its type)
+    rope = {"rope_theta": hf.get("rope_theta", 10000.0), **(hf.get("rope_scaling") or {}),
+            **(hf.get("rope_parameters") or {})}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    d_model, n_heads = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
+    implemented = {  # config.json's settings that have variants -> the values our Llama files implement
+        "hidden_act": ("silu",),  # the SwiGLU gate
+        "attention_bias": (False,),
+        "mlp_bias": (False,),
+        "head_dim": (None, d_model // n_heads),  # d_head = d_model / n_heads
+        "rope_type": ("default", "llama3"),  # plain RoPE, or Llama 3.1's scaling
+    }
+    settings = {**hf, "rope_type": rope_type}
+    unsupported = [f"{key}={settings[key]}" for key, ok in implemented.items()
+                   if key in settings and settings[key] not in ok]
+    if unsupported:
+        raise UserError(f"{folder}/config.json sets {', '.join(unsupported)}, which llama2.py and llama3.py "
+                        f"do not implement: only Llama 2, 3, 3.1 and 3.2's architecture can be loaded")
+    n_kv_heads = hf.get("num_key_value_heads") or n_heads  # absent or null in older files: no GQA
+    if d_model % n_heads or n_heads % n_kv_heads:
+        raise UserError(f"{folder}/config.json: num_attention_heads={n_heads} must divide hidden_size="
+                        f"{d_model} and be a multiple of num_key_value_heads={n_kv_heads}")
+    fields = dict(
+        vocab_size=hf.get("vocab_size", 32000),
+        context_length=hf.get("max_position_embeddings", 2048),
+        d_model=d_model,
+        n_layers=hf.get("num_hidden_layers", 32),
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        d_ff=hf.get("intermediate_size", 11008),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=rope["rope_theta"],
+        tie_weights=hf.get("tie_word_embeddings", False),
+        dtype=hf.get("dtype") or hf.get("torch_dtype") or "float32",  # load() records the weights' own
+    )
+    if rope_type == "llama3":
+        missing = [key for key in LLAMA3_ROPE if key not in rope]
+        if missing:
+            raise UserError(f"{folder}/config.json's llama3 RoPE scaling lacks {', '.join(missing)}: "
+                            f"copy the model's own config.json")
+        fields |= {ours: rope[theirs] for theirs, ours in LLAMA3_ROPE.items()}
+    arch = llama3 if rope_type == "llama3" or rope["rope_theta"] == 500000.0 else llama2
+    return arch.__name__, folder, arch.Config(**fields)  # architecture file, tokenizer (the folder's), config
+
+
+def llama_tensors(cfg):
+    """Each tensor of an HF Llama checkpoint -> (how it is stored, the tensor of ours it holds).
+
+    Every weight is stored as nn.Linear (out, in) or nn.Embedding keeps it; names are LlamaModel's
+    (LlamaForCausalLM adds 'model.'). An untied lm_head is stored as is; a tied one is not needed. The
+    rows of q_proj and k_proj were permuted when Meta's checkpoints were converted, so that RoPE pairs
+    the two halves of each head, as rotate() in llama2.py and llama3.py does.
+    """
+    tensors = {"embed_tokens.weight": (AS_IS, "token_embedding.weight")}
+    for i in range(cfg.n_layers):
+        h, b = f"layers.{i}", f"blocks.{i}"
+        tensors |= {
+            f"{h}.input_layernorm.weight":          (AS_IS, f"{b}.attn_norm.weight"),
+            f"{h}.self_attn.q_proj.weight":         (AS_IS, f"{b}.attn.wq.weight"),
+            f"{h}.self_attn.k_proj.weight":         (AS_IS, f"{b}.attn.wk.weight"),
+            f"{h}.self_attn.v_proj.weight":         (AS_IS, f"{b}.attn.wv.weight"),
+            f"{h}.self_attn.o_proj.weight":         (AS_IS, f"{b}.attn.wo.weight"),
+            f"{h}.post_attention_layernorm.weight": (AS_IS, f"{b}.mlp_norm.weight"),
+            f"{h}.mlp.gate_proj.weight":            (AS_IS, f"{b}.mlp.gate.weight"),
+            f"{h}.mlp.up_proj.weight":              (AS_IS, f"{b}.mlp.up.weight"),
+            f"{h}.mlp.down_proj.weight":            (AS_IS, f"{b}.mlp.down.weight"),
+        }
+    tensors["norm.weight"] = (AS_IS, "final_norm.weight")
+    if not cfg.tie_weights:
+        tensors["lm_head.weight"] = (AS_IS, "lm_head.weight")
+    return tensors
+
+
+# config.json's model_type -> (reads its config, lists its tensors, the prefix that the *ForCausalLM
+# class puts before the names listed: removed where present, since older GPT-2 files lack it)
+FAMILIES = {"gpt2": (gpt2_config, gpt2_tensors, "transformer."),
+            "llama": (llama_config, llama_tensors, "model.")}
 
 
 # ----------------------------------------------------------------------------- finding the files
@@ -118,12 +224,20 @@ def is_hub_id(source):
 
 
 def download(repo_id):
-    """The HF cache's folder for a hub model, after fetching config.json and the weights into it."""
+    """The HF cache's folder for a hub model, after fetching config.json, the weights and (but for GPT-2,
+    whose tokenizer is data/gpt2.tiktoken) the tokenizer into it."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RemoteEntryNotFoundError,
                                         RepositoryNotFoundError)
     try:
-        folder = os.path.dirname(hf_hub_download(repo_id, "config.json"))
+        config = hf_hub_download(repo_id, "config.json")
+        folder = os.path.dirname(config)
+        if read_json(config).get("model_type") != "gpt2":
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                try:
+                    hf_hub_download(repo_id, name)
+                except RemoteEntryNotFoundError:  # sample.py will say what is missing
+                    pass
         for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
             try:
                 path = hf_hub_download(repo_id, name)
@@ -238,7 +352,7 @@ def load(source, device="cpu", dtype=torch.float32):
     if hf.get("model_type") not in FAMILIES:
         raise UserError(f"{folder} holds a '{hf.get('model_type')}' model (config.json's model_type): "
                         f"load_hf.py reads {', '.join(FAMILIES)}")
-    read_config, list_tensors = FAMILIES[hf["model_type"]]
+    read_config, list_tensors, prefix = FAMILIES[hf["model_type"]]
     model_name, tokenizer, cfg = read_config(hf, folder)
     model = skeleton(import_model(model_name), cfg)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -246,8 +360,8 @@ def load(source, device="cpu", dtype=torch.float32):
     wanted, state = list_tensors(cfg), {}
     for path in weight_files(folder):
         for hf_name, tensor in read_tensors(path):
-            name = hf_name.removeprefix("transformer.")
-            if name not in wanted:  # the causal-mask buffers older files keep, a tied lm_head, other heads
+            name = hf_name.removeprefix(prefix)
+            if name not in wanted:  # buffers older files keep (causal masks, RoPE angles), a tied lm_head
                 continue
             layout, *ours = wanted.pop(name)
             for our_name, part in zip(ours, to_ours(name, tensor, layout, [shapes[n] for n in ours], path)):
@@ -259,6 +373,8 @@ def load(source, device="cpu", dtype=torch.float32):
     if cfg.tie_weights:  # one Parameter under both names: assign=True then keeps the head tied
         state["lm_head.weight"] = state["token_embedding.weight"] = nn.Parameter(state["token_embedding.weight"])
     model.load_state_dict(state, assign=True)
+    if hasattr(cfg, "dtype"):  # llama2.py's and llama3.py's Config say which dtype the weights are in
+        cfg.dtype = str(state["token_embedding.weight"].dtype).removeprefix("torch.")
     return model, {"model_name": model_name, "model_config": dataclasses.asdict(cfg), "tokenizer": tokenizer,
                    "source": source}
 
@@ -268,7 +384,7 @@ def load(source, device="cpu", dtype=torch.float32):
 @dataclass
 class ConvertConfig:
     out_dir: str = ""            # where ckpt.pt goes; "" = out-<name>, e.g. out-gpt2
-    dtype: str = "float32"       # float32, bfloat16, float16, or checkpoint (as stored)
+    dtype: str = "checkpoint"    # checkpoint = as stored (GPT-2: float32, Llama: bfloat16), or float32, ...
 
 
 def main(argv):
@@ -280,7 +396,8 @@ def main(argv):
     if want_help or not sources:
         print_help(__doc__, [("keys", cfg)])
         if not want_help:
-            raise UserError("say what to load: python load_hf.py gpt2 (or gpt2-medium, ..., or a folder)")
+            raise UserError("say what to load: python load_hf.py gpt2 (or gpt2-medium, ..., or a folder such "
+                            "as a Llama's)")
         return
     if len(sources) > 1:
         raise UserError(f"one source at a time, not {' and '.join(sources)}")
@@ -289,10 +406,12 @@ def main(argv):
         raise UserError(f"dtype={cfg.dtype} is not supported: use {', '.join(dtypes)}")
     source = sources[0]
     model, ckpt = load(source, "cpu", dtypes[cfg.dtype])
+    tokenizer = load_tokenizer(ckpt["tokenizer"])  # a Llama's own must be there: sample.py will need it
     out_dir = cfg.out_dir or "out-" + os.path.basename(os.path.normpath(source))
     path = os.path.join(out_dir, "ckpt.pt")
     try:
         os.makedirs(out_dir, exist_ok=True)
+        ckpt["tokenizer"] = tokenizer.save(out_dir)  # a Llama's: copied, so that out_dir stands alone
         save_checkpoint({**ckpt, "model": model.state_dict(), "train_config": {}}, path)
     except OSError as e:
         raise UserError(f"cannot write {path} ({e.strerror}): pass another out_dir=")
