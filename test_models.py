@@ -336,8 +336,9 @@ def test_bad_input_gives_one_line_and_status_2(tmp_path, script, args, message):
 
 
 # ---- Llama 2 / Llama 3 (llama2.py, llama3.py) ---------------------------------------------------
-# Parameter counts of the real models, flash vs einsum, logits against transformers'
-# LlamaForCausalLM on small random models, the KV cache, bf16, and no context^2 buffers.
+# Parameter counts of the real models, flash vs einsum, logits and greedy tokens against transformers'
+# LlamaForCausalLM on small random models saved with save_pretrained and read by load_hf.py, the KV
+# cache, bf16, and no context^2 buffers.
 
 
 _LLAMA_REAL_SIZES = [  # from the published checkpoints
@@ -395,38 +396,14 @@ def _llama_hf(name, seed=0):
     return _llama_randomize(LlamaForCausalLM(config), seed).eval(), module, seq_len
 
 
-def _llama_from_hf(hf_model, module):
-    """Our Transformer (llama2 or llama3 module) with the weights of a transformers LlamaForCausalLM."""
-    c = hf_model.config
-    rope = c.rope_parameters  # transformers 5.x: rope_theta and any rope_scaling live here
-    fields = dict(vocab_size=c.vocab_size, context_length=c.max_position_embeddings,
-                  d_model=c.hidden_size, n_layers=c.num_hidden_layers, n_heads=c.num_attention_heads,
-                  n_kv_heads=c.num_key_value_heads, d_ff=c.intermediate_size, norm_eps=c.rms_norm_eps,
-                  rope_theta=rope["rope_theta"], tie_weights=c.tie_word_embeddings,
-                  dtype=str(hf_model.dtype).removeprefix("torch."))
-    if rope["rope_type"] == "llama3":
-        fields.update(rope_factor=rope["factor"], rope_low_freq_factor=rope["low_freq_factor"],
-                      rope_high_freq_factor=rope["high_freq_factor"],
-                      rope_original_context=rope["original_max_position_embeddings"])
-    else:
-        assert rope["rope_type"] == "default", rope
-    with torch.device("meta"):  # as a loader of the big models would: no memory until assign
-        model = module.Transformer(module.Config(**fields))
-    hf = hf_model.state_dict()
-    state = {"token_embedding.weight": hf["model.embed_tokens.weight"],
-             "final_norm.weight": hf["model.norm.weight"],
-             "lm_head.weight": hf["lm_head.weight"]}
-    names = {"attn_norm": "input_layernorm", "attn.wq": "self_attn.q_proj",
-             "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
-             "attn.wo": "self_attn.o_proj", "mlp_norm": "post_attention_layernorm",
-             "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj"}
-    for i in range(c.num_hidden_layers):
-        for ours, theirs in names.items():
-            state[f"blocks.{i}.{ours}.weight"] = hf[f"model.layers.{i}.{theirs}.weight"]
-    model.load_state_dict(state, assign=True)
-    if model.cfg.tie_weights:  # assign=True gives each name its own Parameter: tie them again
-        model.lm_head.weight = model.token_embedding.weight
-    return model.eval()
+def _llama_saved(name, folder, seed=0):
+    """A random LlamaForCausalLM of _LLAMA_HF_CONFIGS[name], saved with save_pretrained into folder and
+    read back by load_hf.py: (theirs, ours, our module, sequence length)."""
+    hf_model, module, seq_len = _llama_hf(name, seed)
+    hf_model.save_pretrained(folder)
+    model, ckpt = load_hf.load(str(folder))
+    assert ckpt["model_name"] == module.__name__  # the file load_hf.py picks from config.json
+    return hf_model, model.eval(), module, seq_len
 
 
 def _llama_ids(hf_model, batch, seq_len, seed=1):
@@ -481,9 +458,9 @@ def test_llama_flash_matches_einsum(module, n_kv_heads):
 
 
 @pytest.mark.parametrize("name", list(_LLAMA_HF_CONFIGS))
-def test_llama_logits_match_transformers(name):
-    hf_model, module, seq_len = _llama_hf(name)
-    model = _llama_from_hf(hf_model, module)
+def test_llama_from_hf_matches_transformers(name, tmp_path):
+    """Logits within 1e-4 (float32, a batch of 2), then the same 20 greedy tokens as HF's generate."""
+    hf_model, model, module, seq_len = _llama_saved(name, tmp_path)
     idx = _llama_ids(hf_model, 2, seq_len)
     with torch.no_grad():
         expected = hf_model(idx).logits
@@ -492,15 +469,20 @@ def test_llama_logits_match_transformers(name):
     print(f"{name}: float32 max |logit difference| vs transformers {diff:.2e}"
           f" (logits up to {expected.abs().max().item():.1f})")
     assert diff < 1e-4
-    if model.cfg.tie_weights:
-        assert model.lm_head.weight is model.token_embedding.weight
+    assert (model.lm_head.weight is model.token_embedding.weight) == model.cfg.tie_weights
+    assert module.count_parameters(model) == hf_model.num_parameters()
+
+    hf_model.generation_config.eos_token_id = None  # exactly 20 tokens, as ours without eot_id
+    theirs = hf_model.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
+                               max_new_tokens=20, pad_token_id=0)[:, seq_len:]
+    ours = torch.stack(list(train.generate(model, idx, 20)), dim=1)  # greedy, with the KV cache
+    assert torch.equal(ours, theirs)
 
 
 @pytest.mark.parametrize("name", [n for n in _LLAMA_HF_CONFIGS if "scaled" in n])
-def test_llama_rope_scaling_is_used(name):
+def test_llama_rope_scaling_is_used(name, tmp_path):
     """The seed notebook computed the Llama 3.1 frequencies, then used the unscaled ones."""
-    hf_model, module, seq_len = _llama_hf(name)
-    model = _llama_from_hf(hf_model, module)
+    hf_model, model, module, seq_len = _llama_saved(name, tmp_path)
     hf_freqs = hf_model.model.rotary_emb.inv_freq
     unscaled = module.rope_frequencies(module.Config(**{**vars(model.cfg), "rope_factor": None}))
     assert torch.allclose(module.rope_frequencies(model.cfg), hf_freqs, rtol=1e-6, atol=0)
@@ -517,9 +499,8 @@ def test_llama_rope_scaling_is_used(name):
 
 @pytest.mark.parametrize("name", ["llama2-mha", "llama3-gqa", "llama3.1-scaled-mqa"])
 @pytest.mark.parametrize("flash", [False, True])
-def test_llama_kv_cache_matches_full_sequence(name, flash):
-    hf_model, module, seq_len = _llama_hf(name)
-    model = _llama_from_hf(hf_model, module)
+def test_llama_kv_cache_matches_full_sequence(name, flash, tmp_path):
+    hf_model, model, _, seq_len = _llama_saved(name, tmp_path)
     _llama_set_flash(model, flash)
     idx = _llama_ids(hf_model, 2, seq_len)
     with torch.no_grad():
@@ -552,7 +533,8 @@ def test_llama_generate_same_with_and_without_cache(module, overrides, batch):
 
 
 @pytest.mark.parametrize("name", ["llama2-gqa", "llama3.1-scaled-mqa", "llama3.2-scaled-tied"])
-def test_llama_bfloat16_close_to_transformers(name):
+def test_llama_bfloat16_close_to_transformers(name, tmp_path):
+    """Saved in bfloat16, as the published Llama 3 checkpoints are: load_hf.py keeps it with dtype=None."""
     hf_model, module, seq_len = _llama_hf(name)
     idx = _llama_ids(hf_model, 2, seq_len)
     with torch.no_grad():
@@ -561,9 +543,12 @@ def test_llama_bfloat16_close_to_transformers(name):
         hf_model.to(torch.bfloat16)
         # from_pretrained(dtype=bfloat16) keeps this buffer in float32; .to() would round it
         hf_model.model.rotary_emb.inv_freq = inv_freq
-        model = _llama_from_hf(hf_model, module)
-        assert model.lm_head.weight.dtype == torch.bfloat16
-        got, expected = model(idx), hf_model(idx).logits
+        hf_model.save_pretrained(tmp_path)
+        model, ckpt = load_hf.load(str(tmp_path), dtype=None)
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        assert ckpt["model_config"]["dtype"] == "bfloat16"  # so that a converted checkpoint rebuilds it so
+        assert load_hf.load(str(tmp_path))[1]["model_config"]["dtype"] == "float32"  # load's default
+        got, expected = model.eval()(idx), hf_model(idx).logits
     diff = _llama_max_diff(got, expected)
     print(f"{name}: bfloat16 max |logit difference| vs transformers in bfloat16 {diff:.3f}; "
           f"vs float32: ours {_llama_max_diff(got, reference):.3f}, "
