@@ -1,6 +1,7 @@
 """Tests: python -m pytest test_models.py  (CPU, offline)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -781,3 +782,189 @@ def test_hf_train_continues_pretrained_weights(tmp_path, story):
     assert ckpt["train_config"]["init_from"] == folder and ckpt["train_config"]["seq_len"] == 64
     pretrained, _ = load_hf.load(folder)
     assert torch.equal(ckpt["model"]["blocks.1.mlp.up.weight"], pretrained.blocks[1].mlp.up.weight)  # lr=0
+
+
+# ---- load_hf.py: Hugging Face Llama weights
+# The logits and greedy tokens of each small LlamaConfig are checked in the Llama section above; here:
+# the real models' config.json files, older layouts, shards, bad input, and the scripts end to end.
+
+_LLAMA_REAL_CONFIGS = {  # config.json of the published checkpoints (their transformers 4.x layout)
+    "llama2-7b": dict(
+        hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32,
+        num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-05, rope_scaling=None,
+        tie_word_embeddings=False, torch_dtype="float16", vocab_size=32000),
+    "llama2-70b": dict(
+        hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_hidden_layers=80,
+        num_key_value_heads=8, max_position_embeddings=4096, rms_norm_eps=1e-05, rope_scaling=None,
+        tie_word_embeddings=False, torch_dtype="float16", vocab_size=32000),
+    "llama3-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_hidden_layers=32,
+        num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-05, rope_scaling=None,
+        rope_theta=500000.0, tie_word_embeddings=False, torch_dtype="bfloat16", vocab_size=128256),
+    "llama3.1-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_hidden_layers=32,
+        num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-05,
+        rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192, rope_type="llama3"),
+        rope_theta=500000.0, tie_word_embeddings=False, torch_dtype="bfloat16", vocab_size=128256),
+    "llama3.2-1b": dict(
+        head_dim=64, hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_hidden_layers=16,
+        num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-05,
+        rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192, rope_type="llama3"),
+        rope_theta=500000.0, tie_word_embeddings=True, torch_dtype="bfloat16", vocab_size=128256),
+}
+
+
+@pytest.mark.parametrize("preset", list(_LLAMA_REAL_CONFIGS))
+def test_llama_real_configs_give_our_presets(preset):
+    """The published config.json files pick the right file and give its preset (old layout: rope_theta
+    and rope_scaling beside each other, torch_dtype); in transformers 5's layout too."""
+    hf = dict(_LLAMA_REAL_CONFIGS[preset], model_type="llama", hidden_act="silu", attention_bias=False)
+    module = llama2 if preset.startswith("llama2") else llama3
+    expected = module.Config(**{**module.PRESETS[preset], "dtype": hf["torch_dtype"]})
+    assert load_hf.llama_config(hf, preset) == (module.__name__, preset, expected)
+    new_layout = LlamaConfig(**{k: v for k, v in hf.items() if k != "torch_dtype"}, dtype=hf["torch_dtype"])
+    assert load_hf.llama_config(new_layout.to_dict(), preset) == (module.__name__, preset, expected)
+
+
+def _llama_folder(folder, config=None, drop=None, reshape=None, name="llama2-gqa"):
+    """A small random Llama checkpoint, with config.json changed (a None value removes the key), or a
+    tensor dropped or reshaped. Returns the folder and the LlamaForCausalLM it holds."""
+    from safetensors.torch import save_file
+    hf_model, _, _ = _llama_hf(name)
+    hf_model.save_pretrained(folder)
+    if config:
+        hf = json.loads((folder / "config.json").read_text())
+        hf = {k: v for k, v in {**hf, **config}.items() if v is not None}
+        (folder / "config.json").write_text(json.dumps(hf))
+    if drop or reshape:
+        state = {k: v.clone() for k, v in hf_model.state_dict().items() if k != drop}
+        if reshape:
+            state[reshape] = state[reshape][:, :-1].contiguous()
+        save_file(state, str(folder / "model.safetensors"))
+    return str(folder), hf_model
+
+
+def test_llama_older_config_layout_and_shards(tmp_path):
+    new, theirs = _llama_folder(tmp_path / "new", name="llama3.2-scaled-tied")
+    rope = theirs.config.rope_parameters
+    old, _ = _llama_folder(tmp_path / "old", name="llama3.2-scaled-tied", config=dict(  # transformers 4.x
+        rope_parameters=None, dtype=None, head_dim=None, torch_dtype="float32", rope_theta=rope["rope_theta"],
+        rope_scaling={"type" if k == "rope_type" else k: v for k, v in rope.items() if k != "rope_theta"}))
+    assert load_hf.load(old)[1] == {**load_hf.load(new)[1], "tokenizer": old, "source": old}
+
+    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    shards = sorted(f for f in os.listdir(tmp_path / "sharded") if f.endswith(".safetensors"))
+    assert len(shards) > 1 and os.path.isfile(tmp_path / "sharded" / "model.safetensors.index.json")
+    sharded, ckpt = load_hf.load(str(tmp_path / "sharded"))
+    assert ckpt["model_name"] == "llama3" and sharded.lm_head.weight is sharded.token_embedding.weight
+    idx = _llama_ids(theirs, 2, 80)
+    with torch.no_grad():
+        assert _llama_max_diff(sharded(idx), theirs(idx).logits) < 1e-4
+    os.remove(tmp_path / "sharded" / shards[1])
+    with pytest.raises(UserError, match=f"lacks {shards[1]}, a shard its model.safetensors.index.json lists"):
+        load_hf.load(str(tmp_path / "sharded"))
+
+
+_LLAMA_UNSUPPORTED = [  # config.json changes -> what load_hf.py says
+    (dict(model_type="mistral"), "holds a 'mistral' model .*load_hf.py reads gpt2, llama"),
+    (dict(attention_bias=True), "sets attention_bias=True, which llama2.py and llama3.py do not implement"),
+    (dict(mlp_bias=True), "sets mlp_bias=True"),
+    (dict(hidden_act="gelu"), "sets hidden_act=gelu"),
+    (dict(head_dim=16), "sets head_dim=16"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}), "rope_type=yarn"),
+    (dict(rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0}), "rope_type=linear"),
+    (dict(num_key_value_heads=3), "num_attention_heads=8 must divide hidden_size=64 and be a multiple of "
+                                  "num_key_value_heads=3"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+     "llama3 RoPE scaling lacks factor"),
+]
+
+
+def test_llama_bad_input_says_what_to_do(tmp_path):
+    def fails(folder, message):
+        with pytest.raises(UserError, match=message) as e:
+            load_hf.load(folder)
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    for i, (config, message) in enumerate(_LLAMA_UNSUPPORTED):
+        fails(_llama_folder(tmp_path / str(i), config=config)[0], message)
+
+    message = fails(_llama_folder(tmp_path / "shape", reshape="model.layers.1.self_attn.k_proj.weight")[0],
+                    r"layers.1.self_attn.k_proj.weight has shape \(16, 63\)")
+    assert "(16, 64)" in message  # both shapes
+    fails(_llama_folder(tmp_path / "drop", drop="model.layers.1.mlp.up_proj.weight")[0],
+          "has no tensor layers.1.mlp.up_proj.weight, which a llama2 of this config.json needs")
+    folder, _ = _llama_folder(tmp_path / "untied", drop="lm_head.weight")  # a tied head is not stored
+    fails(folder, "has no tensor lm_head.weight")
+    folder, _ = _llama_folder(tmp_path / "tied", config=dict(tie_word_embeddings=True), drop="lm_head.weight")
+    assert load_hf.load(folder)[1]["model_config"]["tie_weights"]
+
+    no_tokenizer = re.escape(folder) + " has no tokenizer.json: copy the model's tokenizer files"
+    with pytest.raises(UserError, match=no_tokenizer):
+        sample.main([f"init_from={folder}"])
+    with pytest.raises(UserError, match=no_tokenizer):  # before anything is written
+        load_hf.main([folder, f"out_dir={tmp_path / 'out'}"])
+    assert not os.path.exists(tmp_path / "out")
+
+
+def _llama_tokenizer(folder, text):
+    """A small BPE trained on text with the tokenizers library, SentencePiece-style as Llama 2's ('▁'
+    marks a space; <s> starts each text, </s> ends it), saved into folder as transformers saves one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator([text], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    hf.save_pretrained(folder)
+    return hf
+
+
+def test_llama_folder_with_tokenizer_end_to_end(tmp_path, story):
+    """sample.py on a Llama folder with its own tokenizer; load_hf.py then sample.py on the checkpoint;
+    train.py continuing it; all give HF's greedy text."""
+    folder = tmp_path / "hf-llama"
+    tokenizer = _llama_tokenizer(folder, open(story).read())
+    config = LlamaConfig(**{**_LLAMA_SMALL, "vocab_size": len(tokenizer)}, bos_token_id=1, eos_token_id=2,
+                         **_LLAMA_HF_CONFIGS["llama2-gqa"][2])
+    theirs = _llama_randomize(LlamaForCausalLM(config), seed=6).eval()  # continues with a new word, whose
+    theirs.save_pretrained(folder)  # space a SentencePiece tokenizer drops when decoding it alone
+    prompt_ids = tokenizer("The painter looked at")["input_ids"]
+    assert prompt_ids[0] == 1  # <s>
+    new = theirs.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=12)[0, len(prompt_ids):]
+    expected = tokenizer.decode(prompt_ids + new.tolist(), skip_special_tokens=True) + "\n"
+    assert expected.startswith("The painter looked at ")
+
+    env, out = _hf_env(tmp_path), tmp_path / "out-llama"
+    # top_k=None: the default 200 is more than this tokenizer's 120 tokens
+    args = ["prompt=The painter looked at", "temperature=0", "max_new_tokens=12", "top_k=None"]
+    direct = subprocess.run([sys.executable, "sample.py", f"init_from={folder}", *args], cwd=HERE, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert direct.returncode == 0, direct.stderr
+    assert direct.stdout == expected  # streamed, with the spaces SentencePiece puts before words
+    convert = subprocess.run([sys.executable, "load_hf.py", str(folder), f"out_dir={out}"], cwd=HERE, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert convert.returncode == 0, convert.stderr
+    assert f"parameters (llama2, float32), saved as {out / 'ckpt.pt'}" in convert.stdout
+    assert torch.load(out / "ckpt.pt", weights_only=True)["tokenizer"] == "tokenizer"
+    assert os.path.isfile(out / "tokenizer" / "tokenizer.json")  # a copy: out-llama stands alone
+    os.rename(folder, tmp_path / "moved")
+    converted = subprocess.run([sys.executable, "sample.py", f"init_from={out}", *args], cwd=HERE, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert converted.returncode == 0, converted.stderr
+    assert converted.stdout == expected
+
+    trained = tmp_path / "trained"  # lr=0: the weights stay, the tokenizer goes along
+    train.main([f"init_from={out}", f"data={story}", f"out_dir={trained}", "device=cpu", "dtype=float32",
+                "epochs=1", "seq_len=32", "lr=0", "min_lr=0", "eval_iters=1", "prompt=The painter"])
+    assert os.path.isfile(trained / "tokenizer" / "tokenizer.json")
+    model, ckpt = train.load_checkpoint(str(trained), "cpu")
+    assert ckpt["tokenizer"] == str(trained / "tokenizer")
+    tokenizer = train.load_tokenizer(ckpt["tokenizer"])
+    assert train.complete(model.eval(), tokenizer, "The painter looked at", 12) + "\n" == expected
