@@ -551,7 +551,7 @@ def test_llama_bfloat16_close_to_transformers(name, tmp_path):
         assert load_hf.load(str(tmp_path))[1]["model_config"]["dtype"] == "float32"  # load's default
         got, expected = model.eval()(idx), hf_model(idx).logits
     diff = _llama_max_diff(got, expected)
-    print(f"{name}: bfloat16 max |logit difference| vs transformers in bfloat16 {diff:.3f}; "
+    print(f"{name}: bfloat16 max |logit difference| vs transformers in bfloat16 {diff:.2e}; "
           f"vs float32: ours {_llama_max_diff(got, reference):.3f}, "
           f"transformers {_llama_max_diff(expected, reference):.3f}"
           f" (logits up to {reference.abs().max().item():.1f})")

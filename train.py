@@ -198,8 +198,8 @@ class HFTokenizer:
 
     def __init__(self, folder):
         if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
-            raise UserError(f"{folder} has no tokenizer.json: copy the model's tokenizer files (tokenizer.json, "
-                            f"tokenizer_config.json) beside its config.json")
+            raise UserError(f"{folder} has no tokenizer.json: copy the model's tokenizer files "
+                            f"(tokenizer.json, tokenizer_config.json) beside its config.json")
         from transformers import AutoTokenizer  # here, not at the top: importing it takes seconds
         try:
             self.hf = AutoTokenizer.from_pretrained(folder, local_files_only=True)
