@@ -135,10 +135,10 @@ def llama_config(hf, folder):
 
     The file is llama3.py when the RoPE is Llama 3's: Llama 3.1's frequency scaling (rope_type llama3,
     also in 3.2), which only llama3.py implements, or Llama 3's base theta of 500,000. Anything else is
-    llama2.py, which has grouped-query attention and a tied head too (Llama 2 70B, TinyLlama, ...).
+    llama2.py, which has grouped-query attention and a tied head too (Llama 2 70B, other Llamas).
     """
     # transformers 5 writes rope_parameters, theta included; older files rope_theta and rope_scaling
-    # (null, or a dict whose type is its rope_type, in the oldest its type)
+    # (null, or a dict with a rope_type; "type" in the oldest)
     rope = {"rope_theta": hf.get("rope_theta", 10000.0), **(hf.get("rope_scaling") or {}),
             **(hf.get("rope_parameters") or {})}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -186,7 +186,7 @@ def llama_config(hf, folder):
 def llama_tensors(cfg):
     """Each tensor of an HF Llama checkpoint -> (how it is stored, the tensor of ours it holds).
 
-    Every weight is stored as nn.Linear (out, in) or nn.Embedding keeps it; names are LlamaModel's
+    HF stores every weight as nn.Linear (out, in) and nn.Embedding keep them; names are LlamaModel's
     (LlamaForCausalLM adds 'model.'). An untied lm_head is stored as is; a tied one is not needed. The
     rows of q_proj and k_proj were permuted when Meta's checkpoints were converted, so that RoPE pairs
     the two halves of each head, as rotate() in llama2.py and llama3.py does.
