@@ -59,7 +59,10 @@ def compile_for_decoding(model):
     """
     if next(model.parameters()).device.type != "cpu":
         return torch.compile(model, dynamic=True)
-    return torch.compile(model, dynamic=True, options={"freezing": True, "max_autotune": True})
+    import torch._inductor.select_algorithm
+    torch._inductor.select_algorithm.PRINT_AUTOTUNE = False  # else each tuned matmul prints a table
+    return torch.compile(model, dynamic=True, options={
+        "freezing": True, "max_autotune": True, "max_autotune_report_choices_stats": False})
 
 
 class Printer:
