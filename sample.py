@@ -56,13 +56,17 @@ def compile_for_decoding(model):
     On a CPU, freezing (the weights become constants, pre-packed for the matrix kernels) and
     max-autotune (which may choose inductor's own C++ matrix-vector kernels) make float32 decoding
     about twice as fast as without compiling; plain torch.compile gains little there (README: Speed).
+    Freezing is a setting for the whole process: a model compiled for inference afterwards would
+    not see its weights change, so use this in a script that only generates.
     """
     if next(model.parameters()).device.type != "cpu":
         return torch.compile(model, dynamic=True)
+    import torch._inductor.config
     import torch._inductor.select_algorithm
+    torch._inductor.config.freezing = True  # as an option of torch.compile it is not applied
     torch._inductor.select_algorithm.PRINT_AUTOTUNE = False  # else each tuned matmul prints a table
     return torch.compile(model, dynamic=True, options={
-        "freezing": True, "max_autotune": True, "max_autotune_report_choices_stats": False})
+        "max_autotune": True, "max_autotune_report_choices_stats": False})
 
 
 class Printer:

@@ -681,7 +681,9 @@ def test_fast_reused_cache_reads_nothing_stale(name):
 # llama2.py's attention and forward are llama3.py's line for line; compiling costs seconds a model
 @pytest.mark.parametrize("name", ["gpt2", "llama3.1-scaled-mqa"])
 @pytest.mark.usefixtures("_fast_one_thread")
-def test_fast_compiled_decoding_matches_eager(name):
+def test_fast_compiled_decoding_matches_eager(name, monkeypatch):
+    import torch._inductor.config
+    monkeypatch.setattr(torch._inductor.config, "freezing", False)  # restored after: sample.py sets it
     model = _fast_model(name)
     idx = _fast_ids(3, 6)
     expected = _fast_greedy(model, idx, 14, use_cache=False)  # 6 + 14 tokens: past the context
