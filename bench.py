@@ -1,77 +1,424 @@
-"""Benchmarks, run side by side with transformers on the same machine in one run.
+"""Speed, measured side by side with transformers on the same weights, on this machine, in one run.
 
-    python bench.py              # every section
-    python bench.py train        # one section: train
-    python bench.py train steps=5
-    python bench.py load repeats=5
+    python bench.py                                  # every section, 124M GPT-2, float32
+    python bench.py decode prefill                   # some sections: machine decode prefill train load
+    python bench.py --model llama3 config=toy        # Llama 3 (toy preset) against LlamaForCausalLM
+    python bench.py train steps=5 compile=false      # settings: key=value; --help lists them
 
-Machines are shared and noisy, so compare the ratios within one run rather than absolute numbers.
+Machines are shared and noisy: every figure is the best of several runs taken in turns, and the
+ratios within one run mean more than the absolute numbers. The `machine` section measures what the
+others are compared with: the memory bandwidth decoding can at best reach, and the matmul peak.
 """
+import gc
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-import gpt2
+from train import (MODELS, UserError, apply_overrides, generate, import_model, model_config,
+                   parse_args, print_help)
+from sample import compile_for_decoding
 
-SETTINGS = {"steps": 3, "batch_size": 4, "seq_len": 256, "repeats": 3}
+
+@dataclass
+class BenchConfig:
+    config: str = ""             # model preset; "" = gpt2 (124M) for GPT-2, toy for Llama
+    repeats: int = 3             # timed runs of each row, taken in turns; the fastest counts
+    prompt_len: int = 8          # decode: prompt tokens
+    new_tokens: int = 256        # decode: tokens generated per run
+    num_samples: int = 8         # decode: rows of the batched runs
+    prefill_len: int = 512       # prefill: prompt tokens
+    batch_size: int = 4          # train
+    seq_len: int = 256           # train
+    steps: int = 3               # train: timed steps per row, after one warmup step
+    compile: bool = True         # decode: also with torch.compile, as sample.py compile=true
+    compile_train: bool = False  # train: also ours with torch.compile (minutes of compiling)
 
 
-def timed(fn, steps, warmup=1):
-    """Seconds per call of fn, after warmup calls."""
-    for _ in range(warmup):
+SETTINGS = BenchConfig()
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def best_time(fn, repeats):
+    """Seconds of the fastest of `repeats` calls (after the caller's warmup)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
         fn()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - t0) / steps
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
-def hf_gpt2(n_positions=1024):
-    from transformers import GPT2Config, GPT2LMHeadModel
-    config = GPT2Config(n_positions=n_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return GPT2LMHeadModel(config)
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def bench_train():
-    """Training tokens/s of the 124M GPT-2 (batch 4 x 256), ours against GPT2LMHeadModel."""
-    b, t, steps = SETTINGS["batch_size"], SETTINGS["seq_len"], SETTINGS["steps"]
-    x = torch.randint(0, 50257, (b, t))
-    y = torch.randint(0, 50257, (b, t))
-    print(f"\n## train: 124M GPT-2, batch {b} x {t} tokens, AdamW, CPU threads {torch.get_num_threads()}")
-    print(f"| {'model':32s} | {'dtype':9s} | {'tokens/s':>9s} | {'vs HF':>6s} |")
-    print(f"|{'-' * 34}|{'-' * 11}|{'-' * 11}|{'-' * 8}|")
+class PeakMemory:
+    """Highest resident memory of this process while the block runs, above where it started (MiB).
+
+    A thread samples it every few milliseconds, so the peak of a short spike may be missed. Freed
+    memory is handed back to the system first (malloc_trim), so that rows don't hide in each other's.
+    """
+
+    def __enter__(self):
+        gc.collect()
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc: the baseline is a little high, that's all
+            pass
+        self.start = self.peak = rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def _watch(self):
+        while self.running:
+            self.peak = max(self.peak, rss())
+            time.sleep(0.003)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.mib = (max(self.peak, rss()) - self.start) / 2**20
+
+
+def weight_bytes(model):
+    """Bytes of weights read to decode one token: all of them except the rows an embedding looks up."""
+    params = {id(p): p for p in model.parameters()}
+    head = model.get_output_embeddings().weight if hasattr(model, "get_output_embeddings") \
+        else model.lm_head.weight
+    lookups = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.weight is not head]
+    return sum(p.nbytes for p in params.values()) - sum(w.nbytes for w in lookups)
+
+
+def matmul_flops_per_token(model, seq_len):
+    """Forward FLOPs per token: 2 per weight in a matmul, plus attention's q.k and weights.v."""
+    cfg = model.cfg
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return 2 * linear + 4 * cfg.n_layers * seq_len * cfg.d_model  # attention over seq_len keys
+
+
+def table(title, header, rows):
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    print(f"\n## {title}\n")
+    for r in [header, ["-" * w for w in widths]] + rows:
+        print("| " + " | ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                                for i, (c, w) in enumerate(zip(r, widths))) + " |")
+    sys.stdout.flush()
+
+
+# ----------------------------------------------------------------------------- the models
+
+def build_ours(model_name):
+    arch = import_model(model_name)
+    cfg = model_config(arch, SETTINGS.config or ("gpt2" if model_name == "gpt2" else MODELS[model_name]))
+    if hasattr(cfg, "dropout"):
+        cfg.dropout = 0.0  # as in transformers' eval and our train comparison: no dropout anywhere
+    if hasattr(cfg, "dtype"):
+        cfg.dtype = "float32"
+    torch.manual_seed(0)
+    return arch.Transformer(cfg)
+
+
+def build_hf(ours):
+    """transformers' model of the same architecture, holding the same weights as ours.
+
+    The mapping of load_hf.py, the other way round: there, HF's names into ours; here, ours into HF's.
+    """
+    cfg, w = ours.cfg, ours.state_dict()
+    if not hasattr(cfg, "n_kv_heads"):  # GPT-2: Conv1D layers store the weight transposed (in, out)
+        from transformers import GPT2Config, GPT2LMHeadModel
+        hf = GPT2LMHeadModel(GPT2Config(
+            vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.d_model,
+            n_layer=cfg.n_layers, n_head=cfg.n_heads, layer_norm_epsilon=cfg.norm_eps,
+            tie_word_embeddings=cfg.tie_weights, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        state = {"transformer.wte.weight": w["token_embedding.weight"],
+                 "transformer.wpe.weight": w["position_embedding.weight"],
+                 "transformer.ln_f.weight": w["final_norm.weight"],
+                 "transformer.ln_f.bias": w["final_norm.bias"], "lm_head.weight": w["lm_head.weight"]}
+        zeros = torch.zeros(cfg.d_model)
+        for i in range(cfg.n_layers):
+            o, t = f"blocks.{i}.", f"transformer.h.{i}."
+            state[t + "attn.c_attn.weight"] = torch.cat([w[o + f"attn.w{n}.weight"] for n in "qkv"]).t()
+            state[t + "attn.c_attn.bias"] = torch.cat([w.get(o + f"attn.w{n}.bias", zeros) for n in "qkv"])
+            for ours_name, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+                state[t + theirs + ".weight"] = w[o + ours_name + ".weight"]
+                state[t + theirs + ".bias"] = w[o + ours_name + ".bias"]
+            for ours_name, theirs in (("attn.wo", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
+                                      ("mlp.down", "mlp.c_proj")):
+                state[t + theirs + ".weight"] = w[o + ours_name + ".weight"].t()
+                state[t + theirs + ".bias"] = w[o + ours_name + ".bias"]
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+        rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+        if getattr(cfg, "rope_factor", None) is not None:
+            rope.update(rope_type="llama3", factor=cfg.rope_factor,
+                        low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                        original_max_position_embeddings=cfg.rope_original_context)
+        hf = LlamaForCausalLM(LlamaConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.context_length,
+            rms_norm_eps=cfg.norm_eps, rope_parameters=rope, tie_word_embeddings=cfg.tie_weights))
+        state = {"model.embed_tokens.weight": w["token_embedding.weight"],
+                 "model.norm.weight": w["final_norm.weight"], "lm_head.weight": w["lm_head.weight"]}
+        names = {"attn_norm": "input_layernorm", "attn.wq": "self_attn.q_proj",
+                 "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
+                 "attn.wo": "self_attn.o_proj", "mlp_norm": "post_attention_layernorm",
+                 "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj"}
+        for i in range(cfg.n_layers):
+            for ours_name, theirs in names.items():
+                state[f"model.layers.{i}.{theirs}.weight"] = w[f"blocks.{i}.{ours_name}.weight"]
+    missing, unexpected = hf.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=False)
+    assert not unexpected and all("rotary" in k or "bias" in k and "attn" in k for k in missing), missing
+    return hf
+
+
+def set_flash(model, flash):
+    for block in model.blocks:
+        block.attn.flash = flash
+
+
+# ----------------------------------------------------------------------------- sections
+
+class Machine:
+    """What the other figures are compared with, measured again and again during the run; each keeps
+    its best sample, since a busy moment of a shared machine can only make a sample lower.
+
+    read_gbs:  memory read bandwidth, summing a 1 GiB float32 tensor (far bigger than the caches)
+    gemv_gbs:  the same 1 GiB as a matrix times a vector through F.linear: eager decoding's pattern
+    peak_float32, peak_bfloat16: 2048 x 2048 x 2048 matmul GFLOP/s
+    """
+
+    def __init__(self):
+        self.best = {}
+        self.samples = 0
+
+    def sample(self):
+        def keep(key, value):
+            self.best[key] = max(self.best.get(key, 0.0), value)
+
+        with torch.no_grad():
+            x = torch.ones(2**28)  # written, so every page is really there (torch.empty's are not)
+            x.sum()
+            keep("read_gbs", x.nbytes / best_time(x.sum, 5) / 1e9)
+            w, v = x.view(-1, 1024), torch.ones(1024)
+            F.linear(v, w)
+            keep("gemv_gbs", w.nbytes / best_time(lambda: F.linear(v, w), 5) / 1e9)
+            del x, w
+            n = 2048
+            for dtype in (torch.float32, torch.bfloat16):
+                a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+                a @ b
+                keep(f"peak_{str(dtype)[6:]}", 2 * n**3 / best_time(lambda: a @ b, 5) / 1e9)
+        self.samples += 1
+        return self
+
+    def __getitem__(self, key):
+        return self.best[key]
+
+    def report(self):
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                    if line.startswith("model name")), "?")
+        table(f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+              f"best of {self.samples} samples taken during the run",
+              ["what", "measured"],
+              [["read: sum of a 1 GiB float32 tensor", f"{self['read_gbs']:.1f} GB/s"],
+               ["read: 1 GiB float32 matrix x vector (F.linear)", f"{self['gemv_gbs']:.1f} GB/s"],
+               ["matmul peak, float32 (2048 x 2048 x 2048)", f"{self['peak_float32']:.0f} GFLOP/s"],
+               ["matmul peak, bfloat16 (2048 x 2048 x 2048)", f"{self['peak_bfloat16']:.0f} GFLOP/s"]])
+
+
+MACHINE = Machine()
+TABLES = []  # functions that print a section's table, called at the end against MACHINE's best
+
+
+def bench_machine(model_name):
+    for _ in range(3):
+        MACHINE.sample()
+
+
+def bench_decode(model_name):
+    """Decode tokens/s: batch 1 and num_samples, float32, greedy, against transformers' generate."""
+    MACHINE.sample()
+    p, n, k, repeats = SETTINGS.prompt_len, SETTINGS.new_tokens, SETTINGS.num_samples, SETTINGS.repeats
+    ours = build_ours(model_name).eval()
+    hf = build_hf(ours).eval()
+    per_step = weight_bytes(ours)
+    assert per_step == weight_bytes(hf)
+    gen = torch.Generator().manual_seed(1)
+    prompts = {b: torch.randint(0, ours.cfg.vocab_size, (b, p), generator=gen) for b in (1, k)}
+
+    def run_ours(model, b, use_cache=True):
+        return lambda: torch.stack(list(generate(model, prompts[b], n, use_cache=use_cache)), dim=1)
+
+    def run_hf(b):
+        return lambda: hf.generate(prompts[b], attention_mask=torch.ones_like(prompts[b]), do_sample=False,
+                                   max_new_tokens=n, min_new_tokens=n, pad_token_id=0)[:, p:]
+
+    def compiled_copy():  # its own model: a compiled model recompiles when its caches change size
+        model = build_ours(model_name).eval()
+        model.load_state_dict(ours.state_dict())
+        return compile_for_decoding(model)
+
+    # name: (batch size, run once -> token ids (b, n), transformers' row of that batch size)
+    rows = {"transformers generate": (1, run_hf(1)), "ours, KV cache": (1, run_ours(ours, 1)),
+            "ours, no cache": (1, run_ours(ours, 1, use_cache=False))}
+    if SETTINGS.compile:
+        rows["ours, KV cache, compile=true"] = (1, run_ours(compiled_copy(), 1))
+    rows[f"transformers generate, batch {k}"] = (k, run_hf(k))
+    rows[f"ours, KV cache, batch {k}"] = (k, run_ours(ours, k))
+    if SETTINGS.compile:
+        rows[f"ours, KV cache, compile=true, batch {k}"] = (k, run_ours(compiled_copy(), k))
+    seconds, memory, ids = {}, {}, {}
+    with torch.no_grad():
+        for name, (b, run) in rows.items():  # the first run: warmup (and compiling), memory, token ids
+            t0 = time.perf_counter()
+            with PeakMemory() as mem:
+                ids[name] = run()
+            memory[name], seconds[name] = mem.mib, time.perf_counter() - t0
+            if "compile" in name:
+                print(f"({name}: first run, compiling included, {seconds[name]:.0f} s)", flush=True)
+        for _ in range(repeats):  # then in turns, so that a busy moment of the machine hits them all
+            for name, (b, run) in rows.items():
+                if "no cache" not in name:  # slow, and timed once above already
+                    seconds[name] = min(seconds[name], best_time(run, 1))
+            MACHINE.sample()
+    for name, (b, run) in rows.items():
+        print(f"({name}: {b * n / seconds[name]:.1f} tokens/s)", flush=True)
+
+    def report():
+        out = []
+        for name, (b, run) in rows.items():
+            batch1 = name.replace(f", batch {k}", "")
+            theirs = "transformers generate" + ("" if b == 1 else f", batch {k}")
+            gbs = per_step * n / seconds[name] / 1e9  # weights are read once per step, for all rows
+            out.append([name, f"{b * n / seconds[name]:.1f}", f"{seconds[theirs] / seconds[name]:.2f}x",
+                        f"{seconds[batch1] / seconds[name] * b:.1f}x" if b > 1 else "",
+                        f"{gbs:.1f}", f"{gbs / MACHINE['read_gbs']:.0%}", f"{memory[name]:.0f}",
+                        "yes" if torch.equal(ids[name], ids[theirs]) else "no"])
+        table(f"decode: {model_name} ({sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M parameters),"
+              f" float32, {p}-token prompt, {n} new tokens, greedy; {per_step / 1e6:.0f} MB of weights "
+              f"read per step", ["", "tokens/s", "vs transformers", "vs batch 1", "weights GB/s",
+                                 "of read bandwidth", "MiB beyond weights", "same ids as transformers"], out)
+    TABLES.append(report)
+
+
+def bench_prefill(model_name):
+    """Prefill: the whole prompt in one forward pass, up to the first new token's logits."""
+    MACHINE.sample()
+    t, repeats = SETTINGS.prefill_len, SETTINGS.repeats
+    ours = build_ours(model_name).eval()
+    t = min(t, ours.cfg.context_length)
+    hf = build_hf(ours).eval()
+    idx = torch.randint(0, ours.cfg.vocab_size, (1, t), generator=torch.Generator().manual_seed(2))
+
+    def run_ours(flash, last_only=True):
+        def run():
+            set_flash(ours, flash)
+            ours.setup_cache(1, t)
+            return ours(idx, start_pos=0, last_only=last_only)[:, -1]
+        return run
+
+    rows = {"transformers (logits_to_keep=1)": lambda: hf(idx, use_cache=True, logits_to_keep=1).logits[:, -1],
+            "ours, einsum attention": run_ours(False), "ours, flash=True": run_ours(True),
+            "ours, flash=True, logits at every position": run_ours(True, last_only=False)}
+    seconds, memory = {}, {}
+    with torch.no_grad():
+        for name, run in rows.items():
+            with PeakMemory() as mem:
+                run()
+            memory[name] = mem.mib
+        for _ in range(repeats):
+            for name, run in rows.items():
+                seconds[name] = min(seconds.get(name, float("inf")), best_time(run, 1))
+            MACHINE.sample()
+    flops = matmul_flops_per_token(ours, t / 2) * t  # on average a position attends to t/2 keys
+    hf_s = seconds["transformers (logits_to_keep=1)"]
+    print(f"(prefill: {', '.join(f'{name} {t / s:.0f}' for name, s in seconds.items())} tokens/s)",
+          flush=True)
+    TABLES.append(lambda: table(
+        f"prefill: {model_name}, float32, batch 1, a {t}-token prompt to the first new token",
+        ["", "tokens/s", "vs transformers", "GFLOP/s", "of float32 peak", "MiB beyond weights"],
+        [[name, f"{t / s:.0f}", f"{hf_s / s:.2f}x", f"{flops / s / 1e9:.0f}",
+          f"{flops / s / 1e9 / MACHINE['peak_float32']:.0%}", f"{memory[name]:.0f}"]
+         for name, s in seconds.items()]))
+
+
+def bench_train(model_name):
+    """Training tokens/s (forward, backward, fused AdamW step), ours against transformers."""
+    MACHINE.sample()
+    b, t, steps = SETTINGS.batch_size, SETTINGS.seq_len, SETTINGS.steps
+    gen = torch.Generator().manual_seed(3)
+    names = ["transformers", "ours, einsum attention", "ours, flash=True"]
+    if SETTINGS.compile_train:
+        names.append("ours, flash=True, torch.compile")
+    results = []  # (name, dtype, seconds per step, FLOPs per step, peak MiB)
     for dtype in (torch.float32, torch.bfloat16):
-        results = {}
-        for name in ("transformers GPT2LMHeadModel", "ours, einsum attention", "ours, flash=True"):
-            torch.manual_seed(0)
-            if name.startswith("transformers"):
-                model = hf_gpt2()
-                loss_of = lambda: model(x, labels=y).loss
-            else:
-                model = gpt2.Transformer(gpt2.Config(flash="flash" in name))
-                loss_of = lambda: F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
-            model.train()
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        steppers, memory = {}, {}
+        for name in names:  # build each, and take one step: warmup, and the memory it needs
+            with PeakMemory() as mem:
+                ours = build_ours(model_name)
+                t = min(t, ours.cfg.context_length)
+                x = torch.randint(0, ours.cfg.vocab_size, (b, t + 1), generator=gen)
+                flops = 3 * matmul_flops_per_token(ours, t) * b * t  # backward: twice the forward
+                steppers[name] = train_step(ours, name, dtype, x[:, :-1], x[:, 1:])
+                del ours  # transformers' row keeps only its own copy of the weights
+                steppers[name]()
+            memory[name] = mem.mib
+        seconds = {name: float("inf") for name in names}
+        for _ in range(steps):  # in turns, so that a busy moment of the machine hits them all
+            for name, step in steppers.items():
+                seconds[name] = min(seconds[name], best_time(step, 1))
+            MACHINE.sample()
+        for name in names:
+            results.append((name, str(dtype)[6:], seconds[name], flops, memory[name]))
+            print(f"({name}, {str(dtype)[6:]}: {b * t / seconds[name]:.0f} tokens/s)", flush=True)
+        del steppers
 
-            def step():
-                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                    loss = loss_of()
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+    def report():
+        hf = {dt: s for name, dt, s, _, _ in results if name == "transformers"}
+        table(f"train: {model_name}, batch {b} x {t} tokens, forward + backward + fused AdamW step, "
+              f"bfloat16 = autocast", ["", "dtype", "tokens/s", "vs transformers", "GFLOP/s",
+                                       "MFU (of measured peak)", "peak MiB"],
+              [[name, dt, f"{b * t / s:.0f}", f"{hf[dt] / s:.2f}x", f"{flops / s / 1e9:.0f}",
+                f"{flops / s / 1e9 / MACHINE['peak_' + dt]:.0%}", f"{mib:.0f}"]
+               for name, dt, s, flops, mib in results])
+    TABLES.append(report)
 
-            results[name] = b * t / timed(step, steps)
-            del model, optimizer
-            hf = results["transformers GPT2LMHeadModel"]
-            print(f"| {name:32s} | {str(dtype)[6:]:9s} | {results[name]:9.0f} | {results[name] / hf:5.2f}x |",
-                  flush=True)
+
+def train_step(ours, name, dtype, x, y):
+    """One training step of the row `name`, as a function; transformers' model gets ours's weights."""
+    if name == "transformers":
+        model = build_hf(ours)
+        loss_of = lambda: model(x, labels=x).loss  # it shifts the labels itself
+    else:
+        model = ours
+        set_flash(model, "flash" in name)
+        forward = torch.compile(model) if "compile" in name else model
+        loss_of = lambda: F.cross_entropy(forward(x).flatten(0, 1).float(), y.flatten())
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step():
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = loss_of()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
 
 
 def resident_mib():
@@ -109,56 +456,68 @@ def load_child(loader, folder):
     print(json.dumps(result))
 
 
-def bench_load():
-    """Loading the 124M GPT-2 from a save_pretrained folder, each run in a fresh interpreter."""
+def bench_load(model_name):
+    """Loading the 124M GPT-2 from a save_pretrained folder, each run in a fresh interpreter.
+
+    GPT-2 whatever --model says: the loader is the same code for every family.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    rows = []
     with tempfile.TemporaryDirectory() as folder:
-        hf_gpt2().save_pretrained(folder)
+        GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
         weights_mib = 124_439_808 * 4 / 2**20
         with open(os.path.join(folder, "model.safetensors"), "rb") as f:
             while f.read(1 << 24):  # into the page cache, so that no run pays for the disk
                 pass
-        print(f"\n## load: 124M GPT-2 from safetensors ({weights_mib:.0f} MiB of float32 weights), "
-              f"median of {SETTINGS['repeats']} fresh processes, 1 thread; memory is peak resident memory "
-              f"above the process's after its imports")
-        print("| loader | import s | load s | peak while loading | load + first forward s | "
-              "peak up to first forward |")
-        print("|---|---:|---:|---:|---:|---:|")
         for name, loader in (("transformers GPT2LMHeadModel.from_pretrained", "transformers"),
                              ("ours, load_hf.load", "ours")):
             runs = []
-            for _ in range(SETTINGS["repeats"]):
+            for _ in range(SETTINGS.repeats):
                 code = f"import bench; bench.load_child({loader!r}, {folder!r})"
                 child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                        cwd=os.path.dirname(os.path.abspath(__file__)))
                 runs.append(json.loads(child.stdout.splitlines()[-1]))
             m = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-            print(f"| {name} | {m['import_s']:.2f} | {m['load_s']:.2f} | {m['load_mib']:.0f} MiB = "
-                  f"{m['load_mib'] / weights_mib:.2f}x | {m['first_s']:.2f} | {m['first_mib']:.0f} MiB = "
-                  f"{m['first_mib'] / weights_mib:.2f}x |", flush=True)
+            print(f"({name}: load {m['load_s']:.2f} s, {m['load_mib']:.0f} MiB)", flush=True)
+            rows.append([name, f"{m['import_s']:.2f}", f"{m['load_s']:.2f}",
+                         f"{m['load_mib']:.0f} MiB = {m['load_mib'] / weights_mib:.2f}x", f"{m['first_s']:.2f}",
+                         f"{m['first_mib']:.0f} MiB = {m['first_mib'] / weights_mib:.2f}x"])
+    TABLES.append(lambda: table(
+        f"load: 124M GPT-2 from safetensors ({weights_mib:.0f} MiB of float32 weights), median of "
+        f"{SETTINGS.repeats} fresh processes, 1 thread; memory is peak resident memory above the process's "
+        f"after its imports", ["loader", "import s", "load s", "peak while loading",
+                               "load + first forward s", "peak up to first forward"], rows))
 
 
-SECTIONS = {"train": bench_train, "load": bench_load}
+SECTIONS = {"machine": bench_machine, "decode": bench_decode, "prefill": bench_prefill, "train": bench_train,
+            "load": bench_load}
+
 
 def main(argv):
-    names = [a for a in argv if "=" not in a] or list(SECTIONS)
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and (key not in SETTINGS or not value.isdigit()):
-            return f"'{arg}': settings are {', '.join(f'{k}=N' for k in SETTINGS)}"
-        if sep:
-            SETTINGS[key] = int(value)
-    for name in names:
-        if name not in SECTIONS:
-            return f"unknown section '{name}': choose from {', '.join(SECTIONS)}"
-    for name in names:
-        SECTIONS[name]()
+    names = [a for a in argv if "=" not in a and not a.startswith("-") and a in SECTIONS]
+    model_name, pairs, want_help = parse_args([a for a in argv if a not in names], "bench.py")
+    apply_overrides(pairs, [SETTINGS], "bench.py")
+    if want_help:
+        print_help(__doc__, [("keys", SETTINGS)])
+        return
+    model_name = model_name or "gpt2"
+    print(f"bench.py: {model_name}, {torch.get_num_threads()} threads, load average "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
+    for name in names or SECTIONS:
+        SECTIONS[name](model_name)
+    MACHINE.report()
+    for report in TABLES:
+        report()
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f} {os.getloadavg()[1]:.1f} "
+          f"{os.getloadavg()[2]:.1f} (1, 5, 15 minutes)")
 
 
 if __name__ == "__main__":
-    error = main(sys.argv[1:])
-    if error:
-        print(f"bench.py: {error}", file=sys.stderr)
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"bench.py: {e}", file=sys.stderr)
         sys.exit(2)

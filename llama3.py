@@ -65,12 +65,15 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-class KVCache:
+class KVCache(nn.Module):
     """Keys and values of the positions seen so far, preallocated and filled in place while decoding."""
 
     def __init__(self, batch_size, max_len, n_heads, d_head, dtype, device):
-        self.k = torch.zeros(batch_size, n_heads, max_len, d_head, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        super().__init__()
+        # buffers, so that .to() moves them and torch.compile treats them as model state; not saved
+        shape = (batch_size, n_heads, max_len, d_head)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, start_pos, k, v):
         end = start_pos + k.shape[2]
@@ -204,17 +207,23 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.embedding_std)
 
     def setup_cache(self, batch_size, max_len):
-        """Give every attention layer an empty KV cache for generation (forward with start_pos)."""
+        """Give every attention layer a KV cache for generation (forward with start_pos).
+
+        A cache of the right size is reused: forward reads only the positions it has written, and a
+        compiled model would be recompiled for new buffers.
+        """
         p = self.lm_head.weight
         for block in self.blocks:
             a = block.attn
-            a.cache = KVCache(batch_size, max_len, a.n_kv_heads, a.d_head, p.dtype, p.device)
+            if a.cache is None or a.cache.k.shape != (batch_size, a.n_kv_heads, max_len, a.d_head):
+                a.cache = KVCache(batch_size, max_len, a.n_kv_heads, a.d_head, p.dtype, p.device)
 
-    def forward(self, idx, start_pos=None):
-        """idx: (b, t) token ids -> logits (b, t, vocab_size).
+    def forward(self, idx, start_pos=None, last_only=False):
+        """idx: (b, t) token ids -> logits (b, t, vocab_size), or (b, 1, vocab_size) with last_only.
 
         With start_pos (after setup_cache), idx holds the tokens at positions start_pos.. only, and
-        the keys and values of the earlier positions come from the cache.
+        the keys and values of the earlier positions come from the cache. Generation needs only the
+        last position's logits: last_only spares a prompt the output head at every other position.
         """
         t = idx.shape[1]
         start = start_pos or 0
@@ -228,6 +237,8 @@ class Transformer(nn.Module):
         mask = torch.ones(t, start + t, dtype=torch.bool, device=idx.device).tril(diagonal=start)
         for block in self.blocks:
             x = block(x, mask, cos, sin, start_pos)
+        if last_only:
+            x = x[:, -1:]  # (b, 1, d)
         return self.lm_head(self.final_norm(x))
 
 

@@ -33,6 +33,16 @@ def tiny_gpt2(**overrides):
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test. On a busy 2-core machine a second thread makes 124M decoding
+    several times slower, and small models gain nothing from threads waiting on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def story(tmp_path):
     """A small training text, so the tests need no download."""
     path = tmp_path / "story.txt"
@@ -124,7 +134,7 @@ class ScriptedModel(torch.nn.Module):
     def setup_cache(self, batch_size, max_len):
         pass
 
-    def forward(self, idx, start_pos=None):
+    def forward(self, idx, start_pos=None, last_only=False):
         logits = torch.zeros(idx.shape[0], idx.shape[1], 10)
         for r, step in enumerate(self.eot_at):
             new = idx.shape[1] + (start_pos or 0) - 1  # tokens generated so far (prompt: 1 token)
@@ -633,16 +643,7 @@ def test_hf_small_gpt2_matches_transformers(tmp_path, config):
     _hf_assert_same(ours, theirs, theirs.config.vocab_size)
 
 
-@pytest.fixture
-def _hf_one_thread():
-    """One thread: on a busy 2-core machine, a second one makes 124M decoding several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_hf_124m_matches_transformers(_hf_124m, _hf_one_thread):
+def test_hf_124m_matches_transformers(_hf_124m, one_thread):
     theirs, folder = _hf_124m
     ours, _ = load_hf.load(folder)
     assert gpt2.count_parameters(ours) == theirs.num_parameters() == 124_439_808
@@ -968,3 +969,106 @@ def test_llama_folder_with_tokenizer_end_to_end(tmp_path, story):
     assert ckpt["tokenizer"] == str(trained / "tokenizer")
     tokenizer = train.load_tokenizer(ckpt["tokenizer"])
     assert train.complete(model.eval(), tokenizer, "The painter looked at", 12) + "\n" == expected
+
+
+# ---- fast paths -------------------------------------------------------------------------------
+# What bench.py measures must compute what the readable path computes: the KV cache (with a cache
+# reused across calls), flash attention, logits of the last position only, and torch.compile as
+# sample.py compile=true sets it up; for all three models, batches of 1 and 3, past the context.
+
+_FAST_SMALL = dict(vocab_size=96, context_length=16, d_model=32, n_layers=2, n_heads=4)
+_FAST_LLAMA = dict(_FAST_SMALL, d_ff=64, dtype="float32")
+_FAST_MODELS = {  # name: (module, Config overrides)
+    "gpt2": (gpt2, _FAST_SMALL),
+    "llama2": (llama2, dict(_FAST_LLAMA, n_kv_heads=4)),
+    "llama3-gqa": (llama3, dict(_FAST_LLAMA, n_kv_heads=2)),
+    "llama3.1-scaled-mqa": (llama3, dict(_FAST_LLAMA, n_kv_heads=1, rope_factor=8.0,
+                                         rope_original_context=8)),
+}
+
+
+def _fast_model(name, flash=False):
+    """A small random model; weights large enough that attention is far from uniform."""
+    module, overrides = _FAST_MODELS[name]
+    torch.manual_seed(0)
+    model = module.Transformer(module.Config(**overrides, flash=flash)).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1.0 + 0.2 * noise if "norm.weight" in pname else 0.2 * noise)
+    return model
+
+
+def _fast_ids(batch, length, seed=2):
+    return torch.randint(0, _FAST_SMALL["vocab_size"], (batch, length),
+                         generator=torch.Generator().manual_seed(seed))
+
+
+def _fast_greedy(model, idx, n, use_cache=True):
+    return torch.stack(list(train.generate(model, idx, n, use_cache=use_cache)), dim=1)
+
+
+@pytest.mark.parametrize("name", list(_FAST_MODELS))
+@pytest.mark.parametrize("flash", [False, True])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.usefixtures("one_thread")
+def test_fast_cached_last_only_logits_match_full_sequence(name, flash, batch):
+    reference = _fast_model(name)  # einsum attention, whole sequence, every position
+    model = _fast_model(name, flash)
+    idx = _fast_ids(batch, 16)
+    with torch.no_grad():
+        full = reference(idx)
+        last = model(idx, last_only=True)
+        assert last.shape == (batch, 1, full.shape[-1])
+        assert (last[:, 0] - full[:, -1]).abs().max() < 1e-5
+        model.setup_cache(batch, 16)
+        steps = [model(idx[:, :5], start_pos=0, last_only=True)]  # prefill, then token by token
+        steps += [model(idx[:, i:i + 1], start_pos=i, last_only=True) for i in range(5, 16)]
+    assert (torch.cat(steps, dim=1) - full[:, 4:]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", list(_FAST_MODELS))
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.usefixtures("one_thread")
+def test_fast_greedy_ids_identical_past_the_context(name, batch):
+    idx = _fast_ids(batch, 6)  # 6 + 30 tokens: the 16-token window slides 20 times
+    expected = _fast_greedy(_fast_model(name), idx, 30, use_cache=False)  # the readable path
+    for flash in (False, True):
+        model = _fast_model(name, flash)
+        assert torch.equal(_fast_greedy(model, idx, 30), expected), flash
+        assert torch.equal(_fast_greedy(model, idx, 30, use_cache=False), expected), flash
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama3-gqa"])
+@pytest.mark.usefixtures("one_thread")
+def test_fast_reused_cache_reads_nothing_stale(name):
+    model = _fast_model(name)
+    a, b = _fast_ids(3, 6, seed=3), _fast_ids(3, 6, seed=4)
+    _fast_greedy(model, a, 8)  # fills a cache of 3 x 14 positions...
+    cache = model.blocks[0].attn.cache
+    assert torch.equal(_fast_greedy(model, b, 8), _fast_greedy(_fast_model(name), b, 8))
+    assert model.blocks[0].attn.cache is cache  # ...which the second prompt reused
+    assert torch.equal(_fast_greedy(model, b[:1], 8), _fast_greedy(_fast_model(name), b[:1], 8))
+    assert model.blocks[0].attn.cache.k.shape[0] == 1  # another batch size: a new cache
+
+
+# llama2.py's attention and forward are llama3.py's line for line; compiling costs seconds a model
+@pytest.mark.parametrize("name", ["gpt2", "llama3.1-scaled-mqa"])
+@pytest.mark.usefixtures("one_thread")
+def test_fast_compiled_decoding_matches_eager(name):
+    import torch._inductor.config
+    with torch._inductor.config.patch(freezing=False):  # restored after: compile_for_decoding sets it
+        model = _fast_model(name)
+        idx = _fast_ids(3, 6)
+        expected = _fast_greedy(model, idx, 14, use_cache=False)  # 6 + 14 tokens: past the context
+        compiled = sample.compile_for_decoding(_fast_model(name))
+        assert torch.equal(_fast_greedy(compiled, idx, 14), expected)
+        with torch.no_grad():
+            full = model(idx)
+            compiled.setup_cache(3, 16)  # the size generate used: a new size would compile again
+            prefill = compiled(idx[:, :5], start_pos=0, last_only=True)
+            step = compiled(idx[:, 5:], start_pos=5, last_only=True)
+        assert (prefill[:, 0] - full[:, 4]).abs().max() < 1e-4
+        assert (step[:, 0] - full[:, 5]).abs().max() < 1e-4
+    assert torch._inductor.config.freezing is False

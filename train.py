@@ -329,12 +329,12 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0,
     cached = 0  # positions whose keys and values are in the cache
     for _ in range(max_new_tokens):
         if not use_cache:
-            logits = model(idx[:, -ctx:])
+            logits = model(idx[:, -ctx:], last_only=True)
         else:
             if idx.shape[1] > ctx:  # the window slid: every position moved, so refill the cache
                 cached = 0
             start = max(0, idx.shape[1] - ctx)  # first token inside the window
-            logits = model(idx[:, start + cached:], start_pos=cached)
+            logits = model(idx[:, start + cached:], start_pos=cached, last_only=True)
             cached = idx.shape[1] - start
         next_id = sample_next(logits[:, -1], temperature, top_k, top_p)  # (b,)
         if eot_id is not None:
