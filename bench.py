@@ -3,16 +3,25 @@
     python bench.py              # every section
     python bench.py train        # one section: train
     python bench.py train steps=5
+    python bench.py tokenize     # 100 MB of text into the token cache: parallel against one thread
+    python bench.py ddp          # 2-process DDP against 1 process, on the CPU
 
 Machines are shared and noisy, so compare the ratios within one run rather than absolute numbers.
 """
+import itertools
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import gpt2
+import train
 
 SETTINGS = {"steps": 3, "batch_size": 4, "seq_len": 256}
 
@@ -68,7 +77,104 @@ def bench_train():
                   flush=True)
 
 
-SECTIONS = {"train": bench_train}
+def generated_text(path, megabytes, seed=0):
+    """Write about megabytes of English-looking text: lines of random words, numbers and punctuation."""
+    words = ("the of and to in a is that for it as was with be by on not he I this are or his from at which "
+             "but have an they you were her she there been one all we their has would when if so no what up "
+             "painter picture Gisburn Stroud canvas effort moves closer light water laughed window sea "
+             "always thought genius sketch studio Riviera cheap wife villa terrace portrait").split()
+    marks = ["", "", "", "", ",", ".", ";", "?", "!"]
+    rng = np.random.default_rng(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        while f.tell() < megabytes * 1_000_000:
+            lines = []
+            for _ in range(10_000):  # a line: 6 to 17 words, some with punctuation, now and then a number
+                n = rng.integers(6, 18)
+                line = [words[i] + marks[m] for i, m in zip(rng.integers(0, len(words), n),
+                                                            rng.integers(0, len(marks), n))]
+                if rng.random() < 0.2:
+                    line.insert(rng.integers(0, n), str(rng.integers(0, 10_000)))
+                lines.append(" ".join(line).rstrip(",.;?!"))
+            f.write("\n".join(lines) + "\n")
+
+
+def bench_tokenize():
+    """Tokenizing 100 MB of text: one thread against the parallel token cache builder of train.py."""
+    tokenizer = train.load_tokenizer("gpt2")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "corpus.txt")
+        generated_text(path, 100)
+        megabytes = os.path.getsize(path) / 1e6
+        print(f"\n## tokenize: {megabytes:.0f} MB of generated text, GPT-2 BPE (tiktoken), {os.cpu_count()} CPU cores")
+        print(f"| {'how':58s} | {'MB/s':>6s} | {'tokens':>11s} | {'vs one thread':>13s} |")
+        print(f"|{'-' * 60}|{'-' * 8}|{'-' * 13}|{'-' * 15}|")
+
+        def one_thread():  # the loop a user would write: encode each piece in turn
+            return sum(len(tokenizer.encode(piece)) for piece in train.text_pieces(path))
+
+        def encode_batch():  # tiktoken's batch encoder (threads, Python lists), turned into uint16 arrays
+            n = 0
+            pieces = train.text_pieces(path)
+            while batch := list(itertools.islice(pieces, 4 * os.cpu_count())):
+                for ids in tokenizer.enc.encode_batch(batch, num_threads=os.cpu_count(),
+                                                      allowed_special={"<|endoftext|>"}):
+                    n += len(np.array(ids, dtype=np.uint16))
+            return n
+
+        def cache():  # train.py: read, encode in parallel threads, write the uint16 cache, fsync
+            for stale in (".gpt2.bin", ".gpt2.bin.json"):
+                if os.path.exists(path + stale):
+                    os.remove(path + stale)
+            train.tokenize_corpus(path, tokenizer)
+            return os.path.getsize(path + ".gpt2.bin") // 2
+
+        base = None
+        for name, fn in (("single-threaded encode loop over the pieces", one_thread),
+                         (f"tiktoken encode_batch, {os.cpu_count()} threads, lists -> uint16", encode_batch),
+                         (f"train.py token cache, {os.cpu_count()} threads, encode_to_numpy", cache)):
+            t0 = time.perf_counter()
+            n_tokens = fn()
+            rate = megabytes / (time.perf_counter() - t0)
+            base = base or rate
+            print(f"| {name:58s} | {rate:6.1f} | {n_tokens:11,d} | {rate / base:12.2f}x |", flush=True)
+
+
+def bench_ddp():
+    """Training throughput of 2-process DDP (gloo) against 1 process, at the same global batch."""
+    steps, skip = 14, 4  # the first steps warm up: time the rest, from the run's own log
+    shape = dict(d_model=128, n_layers=4, n_heads=4, context_length=128)
+    with tempfile.TemporaryDirectory() as folder:
+        data = os.path.join(folder, "corpus.txt")
+        generated_text(data, 2)
+        args = ["train.py", "config=tiny", *(f"{k}={v}" for k, v in shape.items()), f"data={data}", "batch_size=16", f"max_iters={steps}", "eval_interval=1000",
+                "eval_iters=1", "ckpt_interval=0", "dtype=float32", "device=cpu"]
+        with torch.device("meta"):
+            n_params = gpt2.count_parameters(gpt2.Transformer(gpt2.Config(**{**gpt2.PRESETS["tiny"], **shape})))
+        print(f"\n## ddp: GPT-2 {n_params / 1e6:.1f}M parameters, global batch 16 x 128 tokens, float32, "
+              f"gloo, {os.cpu_count()} CPU cores")
+        print(f"| {'run':42s} | {'cores':>5s} | {'tokens/s':>8s} | {'per core':>8s} | {'per core vs 1 process':>21s} |")
+        print(f"|{'-' * 44}|{'-' * 7}|{'-' * 10}|{'-' * 10}|{'-' * 23}|")
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        base = None
+        for name, cores, launch, extra in (
+                ("1 process, 1 thread, grad_accum=2", 1, [sys.executable], ["grad_accum=2"]),
+                ("torchrun 2 processes x 1 thread (DDP)", 2, torchrun + ["--nproc_per_node=2"], []),
+                ("1 process, 2 threads, grad_accum=2", 2, [sys.executable], ["grad_accum=2"])):
+            out = os.path.join(folder, f"out-{cores}-{len(launch)}")
+            threads = "2" if "2 threads" in name else "1"
+            result = subprocess.run([*launch, *args, *extra, f"out_dir={out}"], capture_output=True, text=True,
+                                    env={**os.environ, "OMP_NUM_THREADS": threads},
+                                    cwd=os.path.dirname(os.path.abspath(__file__)))
+            if result.returncode != 0:
+                sys.exit(f"bench.py: {name} failed:\n{result.stderr[-2000:]}")
+            log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl")) if '"loss"' in line]
+            rate = (log[-1]["tokens"] - log[skip - 1]["tokens"]) / (log[-1]["time"] - log[skip - 1]["time"])
+            base = base or rate
+            print(f"| {name:42s} | {cores:5d} | {rate:8.0f} | {rate / cores:8.0f} | "
+                  f"{rate / cores / base:20.2f}x |", flush=True)
+
+
+SECTIONS = {"train": bench_train, "tokenize": bench_tokenize, "ddp": bench_ddp}
 
 def main(argv):
     names = [a for a in argv if "=" not in a] or list(SECTIONS)
