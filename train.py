@@ -337,7 +337,12 @@ def window_starts(n_tokens, context_length, stride):
 
 @functools.lru_cache(maxsize=1)
 def epoch_order(seed, epoch, n_windows):
-    return torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n_windows))
+    """The order of the training windows in an epoch: the epoch-th shuffle of one generator seeded
+    with seed, replayed from the start so that it depends on (seed, epoch) alone."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epoch + 1):
+        order = torch.randperm(n_windows, generator=generator)
+    return order
 
 
 def batch_starts(step, n_tokens, context_length, cfg):
@@ -609,7 +614,8 @@ def main(argv):
             torch.cuda.set_device(device)
         elif device.type != "cpu":
             raise UserError(f"torchrun runs on CUDA GPUs or on the CPU, not {device.type}: pass device=cpu")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
         world_size = dist.get_world_size()
     master = rank == 0  # the one process that prints, plots and writes
     if cfg.batch_size % (world_size * cfg.grad_accum):
