@@ -11,6 +11,7 @@ Machines are shared and noisy, so compare the ratios within one run rather than 
 import itertools
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -99,15 +100,20 @@ def generated_text(path, megabytes, seed=0):
 
 
 def bench_tokenize():
-    """Tokenizing 100 MB of text: one thread against the parallel token cache builder of train.py."""
+    """Tokenizing 100 MB of text: one thread against the parallel token cache builder of train.py.
+
+    Besides MB/s, the CPU time the process got: on a machine shared with other work, threads that
+    find no free core show it as fewer cores used, and MB per CPU-second says how well they use what
+    they get.
+    """
     tokenizer = train.load_tokenizer("gpt2")
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "corpus.txt")
         generated_text(path, 100)
         megabytes = os.path.getsize(path) / 1e6
         print(f"\n## tokenize: {megabytes:.0f} MB of generated text, GPT-2 BPE (tiktoken), {os.cpu_count()} CPU cores")
-        print(f"| {'how':58s} | {'MB/s':>6s} | {'tokens':>11s} | {'vs one thread':>13s} |")
-        print(f"|{'-' * 60}|{'-' * 8}|{'-' * 13}|{'-' * 15}|")
+        print(f"| {'how':56s} | {'MB/s':>5s} | {'vs one thread':>13s} | {'cores used':>10s} | {'MB per CPU-s':>12s} |")
+        print(f"|{'-' * 58}|{'-' * 7}|{'-' * 15}|{'-' * 12}|{'-' * 14}|")
 
         def one_thread():  # the loop a user would write: encode each piece in turn
             return sum(len(tokenizer.encode(piece)) for piece in train.text_pieces(path))
@@ -128,50 +134,64 @@ def bench_tokenize():
             train.tokenize_corpus(path, tokenizer)
             return os.path.getsize(path + ".gpt2.bin") // 2
 
-        base = None
+        base, n_tokens = None, set()
         for name, fn in (("single-threaded encode loop over the pieces", one_thread),
                          (f"tiktoken encode_batch, {os.cpu_count()} threads, lists -> uint16", encode_batch),
                          (f"train.py token cache, {os.cpu_count()} threads, encode_to_numpy", cache)):
-            t0 = time.perf_counter()
-            n_tokens = fn()
-            rate = megabytes / (time.perf_counter() - t0)
-            base = base or rate
-            print(f"| {name:58s} | {rate:6.1f} | {n_tokens:11,d} | {rate / base:12.2f}x |", flush=True)
+            t0, cpu0 = time.perf_counter(), sum(os.times()[:2])
+            n_tokens.add(fn())
+            seconds, cpu = time.perf_counter() - t0, sum(os.times()[:2]) - cpu0
+            base = base or megabytes / seconds
+            print(f"| {name:56s} | {megabytes / seconds:5.1f} | {megabytes / seconds / base:12.2f}x | "
+                  f"{cpu / seconds:10.2f} | {megabytes / cpu:12.1f} |", flush=True)
+        assert len(n_tokens) == 1, "the three ways gave different numbers of tokens"
 
 
 def bench_ddp():
-    """Training throughput of 2-process DDP (gloo) against 1 process, at the same global batch."""
-    steps, skip = 14, 4  # the first steps warm up: time the rest, from the run's own log
+    """Training throughput of 2-process DDP (gloo) against 1 process, at the same global batch.
+
+    tokens/s comes from the runs' own log.jsonl, leaving out the first steps. The CPU time comes from
+    two runs of each kind, one longer than the other by `extra` steps: the difference is what those
+    steps cost, without the start-up, the final evaluation or the checkpoint.
+    """
+    short, extra, batch = 4, 12, 16
     shape = dict(d_model=128, n_layers=4, n_heads=4, context_length=128)
     with tempfile.TemporaryDirectory() as folder:
         data = os.path.join(folder, "corpus.txt")
         generated_text(data, 2)
-        args = ["train.py", "config=tiny", *(f"{k}={v}" for k, v in shape.items()), f"data={data}", "batch_size=16", f"max_iters={steps}", "eval_interval=1000",
-                "eval_iters=1", "ckpt_interval=0", "dtype=float32", "device=cpu"]
+        args = ["train.py", "config=tiny", *(f"{k}={v}" for k, v in shape.items()), f"data={data}",
+                f"batch_size={batch}", "eval_interval=1000", "eval_iters=1", "ckpt_interval=0", "dtype=float32",
+                "device=cpu"]
         with torch.device("meta"):
             n_params = gpt2.count_parameters(gpt2.Transformer(gpt2.Config(**{**gpt2.PRESETS["tiny"], **shape})))
-        print(f"\n## ddp: GPT-2 {n_params / 1e6:.1f}M parameters, global batch 16 x 128 tokens, float32, "
-              f"gloo, {os.cpu_count()} CPU cores")
-        print(f"| {'run':42s} | {'cores':>5s} | {'tokens/s':>8s} | {'per core':>8s} | {'per core vs 1 process':>21s} |")
-        print(f"|{'-' * 44}|{'-' * 7}|{'-' * 10}|{'-' * 10}|{'-' * 23}|")
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        print(f"\n## ddp: GPT-2 {n_params / 1e6:.1f}M parameters, global batch {batch} x {shape['context_length']} "
+              f"tokens, float32, gloo, {os.cpu_count()} CPU cores")
+        print(f"| {'run':38s} | {'cores':>5s} | {'tokens/s':>8s} | {'per core':>8s} | {'vs 1 process':>12s} | "
+              f"{'tokens per CPU-s':>16s} | {'vs 1 process':>12s} |")
+        print(f"|{'-' * 40}|{'-' * 7}|{'-' * 10}|{'-' * 10}|{'-' * 14}|{'-' * 18}|{'-' * 14}|")
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
         base = None
-        for name, cores, launch, extra in (
-                ("1 process, 1 thread, grad_accum=2", 1, [sys.executable], ["grad_accum=2"]),
-                ("torchrun 2 processes x 1 thread (DDP)", 2, torchrun + ["--nproc_per_node=2"], []),
-                ("1 process, 2 threads, grad_accum=2", 2, [sys.executable], ["grad_accum=2"])):
-            out = os.path.join(folder, f"out-{cores}-{len(launch)}")
-            threads = "2" if "2 threads" in name else "1"
-            result = subprocess.run([*launch, *args, *extra, f"out_dir={out}"], capture_output=True, text=True,
-                                    env={**os.environ, "OMP_NUM_THREADS": threads},
-                                    cwd=os.path.dirname(os.path.abspath(__file__)))
-            if result.returncode != 0:
-                sys.exit(f"bench.py: {name} failed:\n{result.stderr[-2000:]}")
+        for name, cores, launch, extra_args, threads in (
+                ("1 process, 1 thread, grad_accum=2", 1, [sys.executable], ["grad_accum=2"], "1"),
+                ("torchrun: 2 processes x 1 thread, DDP", 2, torchrun, [], "1"),
+                ("1 process, 2 threads, grad_accum=2", 2, [sys.executable], ["grad_accum=2"], "2")):
+            cpu = []
+            for steps in (short, short + extra):
+                out = os.path.join(folder, f"out-{len(cpu)}")
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                result = subprocess.run([*launch, *args, *extra_args, f"max_iters={steps}", f"out_dir={out}"],
+                                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": threads},
+                                        cwd=os.path.dirname(os.path.abspath(__file__)))
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                if result.returncode != 0:
+                    sys.exit(f"bench.py: {name} failed:\n{result.stderr[-2000:]}")
+                cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
             log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl")) if '"loss"' in line]
-            rate = (log[-1]["tokens"] - log[skip - 1]["tokens"]) / (log[-1]["time"] - log[skip - 1]["time"])
-            base = base or rate
-            print(f"| {name:42s} | {cores:5d} | {rate:8.0f} | {rate / cores:8.0f} | "
-                  f"{rate / cores / base:20.2f}x |", flush=True)
+            rate = (log[-1]["tokens"] - log[short - 1]["tokens"]) / (log[-1]["time"] - log[short - 1]["time"])
+            per_cpu_second = extra * batch * shape["context_length"] / (cpu[1] - cpu[0])
+            base = base or (rate, per_cpu_second)
+            print(f"| {name:38s} | {cores:5d} | {rate:8.0f} | {rate / cores:8.0f} | {rate / cores / base[0]:11.2f}x | "
+                  f"{per_cpu_second:16.0f} | {per_cpu_second / base[1]:11.2f}x |", flush=True)
 
 
 SECTIONS = {"train": bench_train, "tokenize": bench_tokenize, "ddp": bench_ddp}
