@@ -102,9 +102,9 @@ def generated_text(path, megabytes, seed=0):
 def bench_tokenize():
     """Tokenizing 100 MB of text: one thread against the parallel token cache builder of train.py.
 
-    Besides MB/s, the CPU time the process got: on a machine shared with other work, threads that
-    find no free core show it as fewer cores used, and MB per CPU-second says how well they use what
-    they get.
+    Besides MB/s, the CPU time used (this process's threads and its worker processes): on a machine
+    shared with other work, workers that find no free core show it as fewer cores used, and MB per
+    CPU-second says how well they use what they get.
     """
     tokenizer = train.load_tokenizer("gpt2")
     with tempfile.TemporaryDirectory() as folder:
@@ -115,19 +115,23 @@ def bench_tokenize():
         print(f"| {'how':56s} | {'MB/s':>5s} | {'vs one thread':>13s} | {'cores used':>10s} | {'MB per CPU-s':>12s} |")
         print(f"|{'-' * 58}|{'-' * 7}|{'-' * 15}|{'-' * 12}|{'-' * 14}|")
 
+        def pieces():
+            bounds = train.piece_bounds(path)
+            return (train.read_piece(path, start, end) for start, end in zip(bounds, bounds[1:]))
+
         def one_thread():  # the loop a user would write: encode each piece in turn
-            return sum(len(tokenizer.encode(piece)) for piece in train.text_pieces(path))
+            return sum(len(tokenizer.encode(piece)) for piece in pieces())
 
         def encode_batch():  # tiktoken's batch encoder (threads, Python lists), turned into uint16 arrays
             n = 0
-            pieces = train.text_pieces(path)
-            while batch := list(itertools.islice(pieces, 4 * os.cpu_count())):
+            all_pieces = pieces()
+            while batch := list(itertools.islice(all_pieces, 4 * os.cpu_count())):
                 for ids in tokenizer.enc.encode_batch(batch, num_threads=os.cpu_count(),
                                                       allowed_special={"<|endoftext|>"}):
                     n += len(np.array(ids, dtype=np.uint16))
             return n
 
-        def cache():  # train.py: read, encode in parallel threads, write the uint16 cache, fsync
+        def cache():  # train.py: read, encode in worker processes, write the uint16 cache, fsync
             for stale in (".gpt2.bin", ".gpt2.bin.json"):
                 if os.path.exists(path + stale):
                     os.remove(path + stale)
@@ -137,10 +141,10 @@ def bench_tokenize():
         base, n_tokens = None, set()
         for name, fn in (("single-threaded encode loop over the pieces", one_thread),
                          (f"tiktoken encode_batch, {os.cpu_count()} threads, lists -> uint16", encode_batch),
-                         (f"train.py token cache, {os.cpu_count()} threads, encode_to_numpy", cache)):
-            t0, cpu0 = time.perf_counter(), sum(os.times()[:2])
+                         (f"train.py token cache, {os.cpu_count()} worker processes", cache)):
+            t0, cpu0 = time.perf_counter(), sum(os.times()[:4])  # user and system, self and children
             n_tokens.add(fn())
-            seconds, cpu = time.perf_counter() - t0, sum(os.times()[:2]) - cpu0
+            seconds, cpu = time.perf_counter() - t0, sum(os.times()[:4]) - cpu0
             base = base or megabytes / seconds
             print(f"| {name:56s} | {megabytes / seconds:5.1f} | {megabytes / seconds / base:12.2f}x | "
                   f"{cpu / seconds:10.2f} | {megabytes / cpu:12.1f} |", flush=True)
