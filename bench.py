@@ -1,7 +1,8 @@
 """Speed, measured side by side with transformers on the same weights, on this machine, in one run.
 
     python bench.py                                  # every section, 124M GPT-2, float32
-    python bench.py decode prefill                   # some sections: machine decode prefill train load
+    python bench.py decode prefill                   # some sections: machine decode prefill train
+                                                     #   load tokenize ddp
     python bench.py --model llama3 config=toy        # Llama 3 (toy preset) against LlamaForCausalLM
     python bench.py train steps=5 compile=false      # settings: key=value; --help lists them
 
@@ -10,8 +11,10 @@ ratios within one run mean more than the absolute numbers. The `machine` section
 others are compared with: the memory bandwidth decoding can at best reach, and the matmul peak.
 """
 import gc
+import itertools
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -20,9 +23,12 @@ import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+import gpt2
+import train
 from train import (MODELS, UserError, apply_overrides, generate, import_model, model_config,
                    parse_args, print_help)
 from sample import compile_for_decoding
@@ -492,8 +498,132 @@ def bench_load(model_name):
                                "load + first forward s", "peak up to first forward"], rows))
 
 
+def generated_text(path, megabytes, seed=0):
+    """Write about megabytes of English-looking text: lines of random words, numbers and punctuation."""
+    words = ("the of and to in a is that for it as was with be by on not he I this are or his from at which "
+             "but have an they you were her she there been one all we their has would when if so no what up "
+             "painter picture Gisburn Stroud canvas effort moves closer light water laughed window sea "
+             "always thought genius sketch studio Riviera cheap wife villa terrace portrait").split()
+    marks = ["", "", "", "", ",", ".", ";", "?", "!"]
+    rng = np.random.default_rng(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        while f.tell() < megabytes * 1_000_000:
+            lines = []
+            for _ in range(10_000):  # a line: 6 to 17 words, some with punctuation, now and then a number
+                n = rng.integers(6, 18)
+                line = [words[i] + marks[m] for i, m in zip(rng.integers(0, len(words), n),
+                                                            rng.integers(0, len(marks), n))]
+                if rng.random() < 0.2:
+                    line.insert(rng.integers(0, n), str(rng.integers(0, 10_000)))
+                lines.append(" ".join(line).rstrip(",.;?!"))
+            f.write("\n".join(lines) + "\n")
+
+
+def bench_tokenize(model_name):
+    """Tokenizing 100 MB of text: one thread against the parallel token cache builder of train.py.
+
+    Besides MB/s, the CPU time used (this process's threads and its worker processes): on a machine
+    shared with other work, workers that find no free core show it as fewer cores used, and MB per
+    CPU-second says how well they use what they get. GPT-2's tokenizer whatever --model says.
+    """
+    tokenizer = train.load_tokenizer("gpt2")
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "corpus.txt")
+        generated_text(path, 100)
+        megabytes = os.path.getsize(path) / 1e6
+
+        def pieces():
+            bounds = train.piece_bounds(path)
+            return (train.read_piece(path, start, end) for start, end in zip(bounds, bounds[1:]))
+
+        def one_thread():  # the loop a user would write: encode each piece in turn
+            return sum(len(tokenizer.encode(piece)) for piece in pieces())
+
+        def encode_batch():  # tiktoken's batch encoder (threads, Python lists), turned into uint16 arrays
+            n = 0
+            all_pieces = pieces()
+            while batch := list(itertools.islice(all_pieces, 4 * os.cpu_count())):
+                for ids in tokenizer.enc.encode_batch(batch, num_threads=os.cpu_count(),
+                                                      allowed_special={"<|endoftext|>"}):
+                    n += len(np.array(ids, dtype=np.uint16))
+            return n
+
+        def cache():  # train.py: read, encode in worker processes, write the uint16 cache, fsync
+            for stale in (".gpt2.bin", ".gpt2.bin.json"):
+                if os.path.exists(path + stale):
+                    os.remove(path + stale)
+            train.tokenize_corpus(path, tokenizer)
+            return os.path.getsize(path + ".gpt2.bin") // 2
+
+        base, n_tokens = None, set()
+        for name, fn in (("single-threaded encode loop over the pieces", one_thread),
+                         (f"tiktoken encode_batch, {os.cpu_count()} threads, lists -> uint16", encode_batch),
+                         (f"train.py token cache, {os.cpu_count()} worker processes", cache)):
+            t0, cpu0 = time.perf_counter(), sum(os.times()[:4])  # user and system, self and children
+            n_tokens.add(fn())
+            seconds, cpu = time.perf_counter() - t0, sum(os.times()[:4]) - cpu0
+            base = base or megabytes / seconds
+            print(f"({name}: {megabytes / seconds:.1f} MB/s)", flush=True)
+            rows.append([name, f"{megabytes / seconds:.1f}", f"{megabytes / seconds / base:.2f}x",
+                         f"{cpu / seconds:.2f}", f"{megabytes / cpu:.1f}"])
+        assert len(n_tokens) == 1, "the three ways gave different numbers of tokens"
+    TABLES.append(lambda: table(
+        f"tokenize: {megabytes:.0f} MB of generated text, GPT-2 BPE (tiktoken), {os.cpu_count()} CPU cores",
+        ["how", "MB/s", "vs one thread", "cores used", "MB per CPU-s"], rows))
+
+
+def bench_ddp(model_name):
+    """Training throughput of 2-process DDP (gloo) against 1 process, at the same global batch.
+
+    tokens/s comes from the runs' own log.jsonl, leaving out the first steps. The CPU time comes from
+    two runs of each kind, one longer than the other by `extra` steps: the difference is what those
+    steps cost, without the start-up, the final evaluation or the checkpoint. A small GPT-2 whatever
+    --model says: what is measured is the communication, not the model.
+    """
+    short, extra, batch = 4, 12, 16
+    shape = dict(d_model=128, n_layers=4, n_heads=4, context_length=128)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        data = os.path.join(folder, "corpus.txt")
+        generated_text(data, 2)
+        args = ["train.py", "config=tiny", *(f"{k}={v}" for k, v in shape.items()), f"data={data}",
+                f"batch_size={batch}", "eval_interval=1000", "eval_iters=1", "ckpt_interval=0", "dtype=float32",
+                "device=cpu"]
+        with torch.device("meta"):
+            n_params = gpt2.count_parameters(gpt2.Transformer(gpt2.Config(**{**gpt2.PRESETS["tiny"], **shape})))
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        base = None
+        for name, cores, launch, extra_args, threads in (
+                ("1 process, 1 thread, grad_accum=2", 1, [sys.executable], ["grad_accum=2"], "1"),
+                ("torchrun: 2 processes x 1 thread, DDP", 2, torchrun, [], "1"),
+                ("1 process, 2 threads, grad_accum=2", 2, [sys.executable], ["grad_accum=2"], "2")):
+            cpu = []
+            for steps in (short, short + extra):
+                out = os.path.join(folder, f"out-{len(cpu)}")
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                result = subprocess.run([*launch, *args, *extra_args, f"max_iters={steps}", f"out_dir={out}"],
+                                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": threads},
+                                        cwd=os.path.dirname(os.path.abspath(__file__)))
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                if result.returncode != 0:
+                    sys.exit(f"bench.py: {name} failed:\n{result.stderr[-2000:]}")
+                cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+            log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl")) if '"loss"' in line]
+            rate = (log[-1]["tokens"] - log[short - 1]["tokens"]) / (log[-1]["time"] - log[short - 1]["time"])
+            per_cpu_second = extra * batch * shape["context_length"] / (cpu[1] - cpu[0])
+            base = base or (rate, per_cpu_second)
+            print(f"({name}: {rate:.0f} tokens/s)", flush=True)
+            rows.append([name, str(cores), f"{rate:.0f}", f"{rate / cores:.0f}", f"{rate / cores / base[0]:.2f}x",
+                         f"{per_cpu_second:.0f}", f"{per_cpu_second / base[1]:.2f}x"])
+    TABLES.append(lambda: table(
+        f"ddp: GPT-2 {n_params / 1e6:.1f}M parameters, global batch {batch} x {shape['context_length']} tokens, "
+        f"float32, gloo, {os.cpu_count()} CPU cores",
+        ["run", "cores", "tokens/s", "per core", "vs 1 process", "tokens per CPU-s", "vs 1 process"], rows))
+
+
 SECTIONS = {"machine": bench_machine, "decode": bench_decode, "prefill": bench_prefill, "train": bench_train,
-            "load": bench_load}
+            "load": bench_load, "tokenize": bench_tokenize, "ddp": bench_ddp}
 
 
 def main(argv):

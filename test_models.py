@@ -4,9 +4,11 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is first imported: it reads this once
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -969,6 +971,265 @@ def test_llama_folder_with_tokenizer_end_to_end(tmp_path, story):
     assert ckpt["tokenizer"] == str(trained / "tokenizer")
     tokenizer = train.load_tokenizer(ckpt["tokenizer"])
     assert train.complete(model.eval(), tokenizer, "The painter looked at", 12) + "\n" == expected
+
+
+# ---- scaling: DDP, FSDP, resume, memmap
+
+_SCALE_TINY = ["config=tiny", "context_length=32", "dtype=float32", "device=cpu", "eval_iters=1", "lr=1e-3",
+               "warmup_steps=2"]
+
+
+def _scale_text():
+    """A text with the things a tokenizer cut could trip on: numbers, punctuation, runs of spaces and
+    newlines, contractions, accents, <|endoftext|>."""
+    lines = ["The painter sat by the window, and looked at the sea.", "Every effort moves you 1234 steps",
+             "closer to the picture you want;  she didn't laugh\u2014but the light changed   ", "",
+             "on the water of caf\u00e9 Gisburn<|endoftext|>Then, 3.14 years later...\t\"Why?\" he asked."]
+    return "\n".join(lines[i % len(lines)] + f" {i}" * (i % 3) for i in range(400))
+
+
+def _scale_corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(_scale_text(), encoding="utf-8")
+    return str(path)
+
+
+def _scale_torchrun(*args):
+    """train.py in 2 processes with the gloo backend, as torchrun --standalone picks a free port."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", *args], cwd=HERE, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _scale_ckpt(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def _scale_one_process(tmp_path_factory):
+    """The reference: one process, the step's batch of 4 windows as 2 micro-batches of 2."""
+    tmp = tmp_path_factory.mktemp("scale")
+    data = _scale_corpus(tmp)
+    args = [*_SCALE_TINY, f"data={data}", "max_iters=4", "batch_size=4", "eval_interval=2"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train.main([*args, "grad_accum=2", f"out_dir={tmp / 'one'}"])
+    torch.set_num_threads(threads)
+    return args, _scale_ckpt(tmp / "one"), tmp
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_scale_two_processes_match_one_process(_scale_one_process, mode):
+    args, reference, tmp = _scale_one_process
+    out = tmp / mode
+    result = _scale_torchrun(*args, "grad_accum=1", f"fsdp={mode == 'fsdp'}", f"out_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("step     4  train loss") == 1  # only process 0 prints
+    ckpt = _scale_ckpt(out)
+    for key in ("step_loss", "train", "val"):
+        assert len(ckpt["history"][key]) == len(reference["history"][key])
+        assert max(abs(a - b) for a, b in zip(ckpt["history"][key], reference["history"][key])) < 1e-5
+    assert ckpt["model"].keys() == reference["model"].keys()  # the full state dict, gathered under FSDP
+    for name, weight in ckpt["model"].items():
+        assert (weight - reference["model"][name]).abs().max() < 1e-5, name
+    assert len(ckpt["rng"]) == 2 and ckpt["step"] == 4
+    loaded, _ = train.load_checkpoint(str(out), "cpu")  # and sample.py reads it as any other
+    assert loaded.lm_head.weight is loaded.token_embedding.weight
+
+
+class _ScaleStop(Exception):
+    pass
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("mode", ["max_iters", "epochs"])
+def test_scale_resume_is_exact(tmp_path, monkeypatch, mode):
+    data = _scale_corpus(tmp_path)
+    # dropout on, so the random state must be restored too; epochs: the stop falls inside an epoch
+    run = ["max_iters=8"] if mode == "max_iters" else ["epochs=3", "batch_size=2", "stride=1000"]
+    args = [*_SCALE_TINY, f"data={data}", "dropout=0.1", "eval_interval=3", "ckpt_interval=4", *run]
+    train.main([*args, f"out_dir={tmp_path / 'whole'}"])
+    whole = _scale_ckpt(tmp_path / "whole")
+
+    save = train.save_checkpoint
+
+    def save_then_stop(checkpoint, path):
+        save(checkpoint, path)
+        raise _ScaleStop
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
+    with pytest.raises(_ScaleStop):
+        train.main([*args, f"out_dir={tmp_path / 'halves'}"])
+    assert _scale_ckpt(tmp_path / "halves")["step"] == 4
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    train.main([*args, "init_from=resume", f"out_dir={tmp_path / 'halves'}"])
+    halves = _scale_ckpt(tmp_path / "halves")
+
+    n_steps = len(whole["history"]["step_loss"])
+    assert halves["step"] == whole["step"] == n_steps
+    assert n_steps == 8 if mode == "max_iters" else n_steps == 9  # epochs: 3 of 3 steps, stopped in the 2nd
+    assert halves["history"] == whole["history"]  # every loss, bit for bit
+    for name, weight in whole["model"].items():
+        assert torch.equal(weight, halves["model"][name]), name
+    for name, state in whole["optimizer"]["state"].items():
+        assert all(torch.equal(v, halves["optimizer"]["state"][name][k]) for k, v in state.items())
+    log = [json.loads(line) for line in open(tmp_path / "halves" / "log.jsonl")]
+    assert [line["step"] for line in log if "loss" in line] == list(range(1, n_steps + 1))  # none twice
+    assert (tmp_path / "halves" / "loss.png").stat().st_size > 0
+
+
+def _scale_logged(out_dir, step):
+    """Whether the run in out_dir has logged the given step (or a later one)."""
+    try:
+        return any(f'"step": {s},' in open(os.path.join(out_dir, "log.jsonl")).read() for s in (step, step + 1))
+    except OSError:
+        return False
+
+
+def test_scale_sigkill_while_checkpointing_leaves_a_resumable_checkpoint(tmp_path):
+    data, out = _scale_corpus(tmp_path), tmp_path / "out"
+    args = [sys.executable, "train.py", *_SCALE_TINY, f"data={data}", f"out_dir={out}", "max_iters=30",
+            "ckpt_interval=1", "eval_interval=1000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps = []
+    for delay in (0.0, 0.003, 0.02):  # after a checkpoint has begun to be written
+        resume = ["init_from=resume"] if steps else []
+        run = subprocess.Popen(args + resume, cwd=HERE, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        deadline, target = time.monotonic() + 120, (steps[-1] if steps else 0) + 2
+        while not _scale_logged(out, target):  # a few steps on from the last round
+            assert run.poll() is None and time.monotonic() < deadline, "training ended before it was killed"
+            time.sleep(0.01)
+        while not (out / "ckpt.pt.tmp").exists():  # the checkpoint of that step begins to be written
+            assert run.poll() is None and time.monotonic() < deadline, "training ended before it was killed"
+            time.sleep(0.0005)
+        time.sleep(delay)
+        run.kill()
+        run.wait()
+        (out / "ckpt.pt.tmp").unlink(missing_ok=True)  # so that the next round sees its own write begin
+        model, ckpt = train.load_checkpoint(str(out), "cpu")
+        steps.append(ckpt["step"])
+    assert steps == sorted(steps) and steps[-1] > steps[0]  # each round carried on from the last
+    finish = subprocess.run(args + ["init_from=resume"], cwd=HERE, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert finish.returncode == 0, finish.stderr
+    ckpt = _scale_ckpt(out)
+    assert ckpt["step"] == 30 and len(ckpt["history"]["step_loss"]) == 30
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [line["step"] for line in log if "loss" in line] == list(range(1, 31))
+
+
+def test_scale_memmap_batches_equal_in_memory_batches(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "PIECE_BYTES", 50)  # many pieces, so many cuts between them
+    tok = train.load_tokenizer("gpt2")
+    data = _scale_corpus(tmp_path)
+    train.tokenize_corpus(data, tok)
+    cache, dtype = train.token_cache(data, tok)
+    tokens = np.memmap(cache, dtype=dtype, mode="r")
+    ids = np.array(tok.encode(_scale_text()))  # the whole text, encoded at once, in memory
+    assert dtype == np.uint16 and np.array_equal(tokens, ids)
+
+    cfg = train.TrainConfig(batch_size=4, seed=7)
+    for cfg.max_iters in (100, 0):
+        for step in range(12):
+            starts = train.batch_starts(step, len(ids), 32, cfg)
+            for from_disk, from_memory in zip(train.get_batch(tokens, starts, 32), train.get_batch(ids, starts, 32)):
+                assert torch.equal(from_disk, from_memory)
+    # epochs: the book's sliding windows (unfold), each once per epoch, in a new order each epoch
+    windows = torch.from_numpy(ids).unfold(0, 33, 32)  # (n, t + 1)
+    per_epoch = len(windows) // 4
+    seen = [train.batch_starts(step, len(ids), 32, cfg) for step in range(2 * per_epoch)]
+    first, second = torch.cat(seen[:per_epoch]), torch.cat(seen[per_epoch:])
+    assert len(set(first.tolist())) == len(first) and not torch.equal(first, second)
+    x, y = train.get_batch(tokens, seen[3], 32)
+    assert torch.equal(x, windows[seen[3] // 32, :-1]) and torch.equal(y, windows[seen[3] // 32, 1:])
+    assert not torch.equal(train.batch_starts(0, len(ids), 32, train.TrainConfig(batch_size=4, seed=8)),
+                           seen[0])
+
+    # a folder: its .txt files, in order, joined by <|endoftext|>; tokenized again when one changes
+    folder = tmp_path / "books"
+    (folder / "part2").mkdir(parents=True)
+    (folder / "a.txt").write_text("First book. " * 40, encoding="utf-8")
+    (folder / "part2" / "b.txt").write_bytes(_scale_text()[:2000].replace("\n", "\r\n").encode())  # Windows
+    (folder / "notes.md").write_text("not part of the corpus")
+
+    def cached():
+        train.tokenize_corpus(str(folder), tok)
+        return np.fromfile(train.token_cache(str(folder), tok)[0], dtype=np.uint16)
+
+    assert np.array_equal(cached(), tok.encode("First book. " * 40 + "<|endoftext|>" + _scale_text()[:2000]))
+    (folder / "a.txt").write_text("Second edition. " * 40, encoding="utf-8")
+    assert np.array_equal(cached()[:5], tok.encode("Second edition. " * 40)[:5])
+    monkeypatch.setattr(train, "encode_in_order", None)  # unchanged: read from the cache
+    assert len(cached()) > 0
+
+
+def test_scale_init_from_a_checkpoint_starts_from_its_weights(tmp_path, one_thread):
+    data = _scale_corpus(tmp_path)
+    train.main([*_SCALE_TINY, f"data={data}", "max_iters=3", "n_layers=1", f"out_dir={tmp_path / 'a'}"])
+    # lr=0: the weights stay as loaded; the architecture (n_layers=1) comes from the checkpoint, and
+    # keys that say the same as it (context_length=32) may stay; config= may not
+    same = [arg for arg in _SCALE_TINY if not arg.startswith("config=")]
+    with pytest.raises(UserError, match="config=tiny picks a model to train from scratch"):
+        train.main([*_SCALE_TINY, f"data={data}", f"init_from={tmp_path / 'a'}", f"out_dir={tmp_path / 'b'}"])
+    train.main([*same, f"data={data}", "max_iters=1", "lr=0", f"init_from={tmp_path / 'a'}",
+                f"out_dir={tmp_path / 'b'}"])
+    a, b = _scale_ckpt(tmp_path / "a"), _scale_ckpt(tmp_path / "b")
+    assert b["model_config"]["n_layers"] == 1 and b["step"] == 1  # a new run: fresh optimizer and schedule
+    assert all(torch.equal(a["model"][name], weight) for name, weight in b["model"].items())
+
+
+def test_scale_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, one_thread):
+    loss_fn, calls = train.loss_fn, []
+
+    def blows_up_at_step_5(model, x, y):
+        calls.append(model.training)
+        return loss_fn(model, x, y) * (float("nan") if calls.count(True) >= 5 else 1.0)
+
+    monkeypatch.setattr(train, "loss_fn", blows_up_at_step_5)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"the loss became nan at step 5: .*ckpt.pt from step 4 is kept; lower lr"):
+        train.main([*_SCALE_TINY, f"data={_scale_corpus(tmp_path)}", "max_iters=10", "ckpt_interval=2",
+                    "eval_interval=100", f"out_dir={out}"])
+    assert _scale_ckpt(out)["step"] == 4
+
+
+def test_scale_bad_input_says_what_to_do(tmp_path, one_thread):
+    data = _scale_corpus(tmp_path)
+    base = [*_SCALE_TINY, f"data={data}", f"out_dir={tmp_path / 'out'}", "max_iters=1"]
+    with pytest.raises(UserError, match="launch with torchrun --nproc_per_node=N"):
+        train.main([*base, "fsdp=true"])
+    with pytest.raises(UserError, match="batch_size=4 does not split evenly .* grad_accum=3"):
+        train.main([*base, "batch_size=4", "grad_accum=3"])
+    with pytest.raises(UserError, match="init_from=resume found no checkpoint"):
+        train.main([*base, "init_from=resume"])
+    with pytest.raises(UserError, match="no checkpoint at /no/such/run"):
+        train.main([*base, "init_from=/no/such/run"])
+    train.main([*base, "n_layers=1"])
+    with pytest.raises(UserError, match="holds a gpt2 model with n_layers=1, not the gpt2 model this command"):
+        train.main([*base, "init_from=resume"])  # 2 layers, the tiny preset's
+    (tmp_path / "short.txt").write_text("Far too short for a window. " * 5)
+    with pytest.raises(UserError, match="fewer than one window"):
+        train.main([*base, f"data={tmp_path / 'short.txt'}"])
+    (tmp_path / "no-text").mkdir()
+    with pytest.raises(UserError, match="holds no .txt files"):
+        train.main([*base, f"data={tmp_path / 'no-text'}"])
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match="cannot write to out_dir"):
+        train.main([*base, f"out_dir={tmp_path / 'a-file' / 'out'}"])
+
+
+def test_scale_bad_input_gives_one_line_and_status_2(tmp_path):
+    data = _scale_corpus(tmp_path)
+    base = [*_SCALE_TINY, f"data={data}", f"out_dir={tmp_path / 'out'}", "max_iters=1"]
+    for args in (["fsdp=true"], ["init_from=resume"]):
+        result = run_script("train.py", *base, *args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    # under torchrun, process 0 says it once, before torchrun reports the failed processes its own way
+    result = _scale_torchrun(*base, "batch_size=3")
+    assert result.returncode != 0
+    assert result.stderr.count("train.py: batch_size=3 does not split evenly into 2 process(es)") == 1
 
 
 # ---- fast paths -------------------------------------------------------------------------------
