@@ -1,6 +1,6 @@
 """Train a model from scratch on a text file: The Verdict, a short story, unless you pass another.
 
-    python train.py                              # GPT-2 'verdict' preset, 10 epochs on The Verdict
+    python train.py                              # GPT-2 'verdict' preset, 15 epochs on The Verdict
     python train.py --model gpt2 config=tiny epochs=2 data=my.txt
     python train.py init_from=gpt2 seq_len=256   # continue training GPT-2's published weights
     python train.py init_from=resume             # carry on where the run in out_dir stopped
@@ -62,7 +62,7 @@ class TrainConfig:
     init_from: str = "scratch"   # scratch = a new model; resume = carry on out_dir/ckpt.pt; or pretrained weights:
     #                              gpt2 ... gpt2-xl, a Hugging Face folder, a checkpoint (fresh optimizer)
     out_dir: str = "out"         # where ckpt.pt, log.jsonl and loss.png go
-    epochs: int = 10             # passes over the training windows (unless max_iters is set)
+    epochs: int = 15             # passes over the training windows (unless max_iters is set)
     max_iters: int = 0           # > 0: train this many steps on random windows instead of epochs
     batch_size: int = 2          # windows per step, over all processes and micro-batches together
     grad_accum: int = 1          # micro-batches per process and step, gradients summed: less memory, same step
@@ -946,3 +946,6 @@ if __name__ == "__main__":
         print("train.py: interrupted; init_from=resume continues from the last checkpoint, if one was written",
               file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # e.g. --help piped into head: stop quietly
+        sys.stdout = None
+        sys.exit(1)
