@@ -174,8 +174,7 @@ class Block(nn.Module):
 
     def forward(self, x, mask, cos, sin, start_pos=None):
         x = x + self.attn(self.attn_norm(x), mask, cos, sin, start_pos)
-        x = x + self.mlp(self.mlp_norm(x))
-        return x
+        return x + self.mlp(self.mlp_norm(x))
 
 
 class Transformer(nn.Module):
@@ -207,11 +206,8 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.embedding_std)
 
     def setup_cache(self, batch_size, max_len):
-        """Give every attention layer a KV cache for generation (forward with start_pos).
-
-        A cache of the right size is reused: forward reads only the positions it has written, and a
-        compiled model would be recompiled for new buffers.
-        """
+        """Give every attention layer a KV cache for generation; one of the right size is reused
+        (forward reads only the positions it has written, and new buffers would recompile a compiled model)."""
         p = self.lm_head.weight
         for block in self.blocks:
             a = block.attn
@@ -219,11 +215,10 @@ class Transformer(nn.Module):
                 a.cache = KVCache(batch_size, max_len, a.n_kv_heads, a.d_head, p.dtype, p.device)
 
     def forward(self, idx, start_pos=None, last_only=False):
-        """idx: (b, t) token ids -> logits (b, t, vocab_size), or (b, 1, vocab_size) with last_only.
+        """idx: (b, t) token ids -> logits (b, t, vocab_size); with last_only, of the last position only.
 
-        With start_pos (after setup_cache), idx holds the tokens at positions start_pos.. only, and
-        the keys and values of the earlier positions come from the cache. Generation needs only the
-        last position's logits: last_only spares a prompt the output head at every other position.
+        With start_pos (after setup_cache), idx holds the tokens at positions start_pos.. only, and the
+        keys and values of the earlier positions come from the cache.
         """
         t = idx.shape[1]
         start = start_pos or 0
