@@ -177,8 +177,7 @@ class Transformer(nn.Module):
         if cfg.tie_weights:
             self.lm_head.weight = self.token_embedding.weight
         self.to(getattr(torch, cfg.dtype))
-        # No buffers: the RoPE angles are computed in forward for the positions it sees, so a model
-        # built on the meta device and loaded with load_state_dict(..., assign=True) is complete.
+        # No buffers: forward computes the RoPE angles it needs, so a meta-device model is complete once loaded.
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):

@@ -1,10 +1,9 @@
 """Llama 3, 3.1 and 3.2 from scratch, in one file (torch + einops only).
 
-Llama 3 (Grattafiori et al., 2024) is Llama 2's architecture (see llama2.py) at every size with
-grouped-query attention (8 key/value heads), a 128K-token vocabulary, a wider MLP and RoPE base theta
-500,000 instead of 10,000. Llama 3.1 reaches 131,072 positions by rescaling the RoPE frequencies: the
-slow ones are divided by a factor, the fast ones kept, those between blended. Llama 3.2's 1B and 3B
-models use the same scaling and tie the output head to the token embedding.
+Llama 3 (Grattafiori et al., 2024) is Llama 2 (see llama2.py) with grouped-query attention at every size,
+a 128K-token vocabulary, a wider MLP and RoPE base theta 500,000. Llama 3.1 reaches 131,072 positions by
+rescaling the RoPE frequencies (slow ones divided by a factor, fast ones kept, those between blended);
+Llama 3.2's 1B and 3B use the same scaling and tie the output head to the token embedding.
 
     python llama3.py    # parameter count of every preset, then a toy model run once
 """
@@ -86,9 +85,8 @@ def rope_frequencies(cfg, device=None):
     """Angle per position of each pair of dimensions in a head: theta^(-2i / d_head), i < d_head / 2.
 
     Llama 3.1's scaling counts the turns each pair makes over the original context: pairs with fewer
-    than low_freq_factor turns (wavelength > original_context / low_freq_factor) turn factor times
-    slower, pairs with more than high_freq_factor turns keep their frequency, and in between the two
-    are blended linearly in the number of turns (Meta's apply_scaling, written with a clamp).
+    than low_freq_factor turns turn factor times slower, pairs with more than high_freq_factor turns
+    keep their frequency, and those between are blended linearly (Meta's apply_scaling, with a clamp).
     """
     d_head = cfg.d_model // cfg.n_heads
     freqs = 1.0 / cfg.rope_theta ** (torch.arange(0, d_head, 2, device=device).float() / d_head)
@@ -196,8 +194,7 @@ class Transformer(nn.Module):
         if cfg.tie_weights:
             self.lm_head.weight = self.token_embedding.weight
         self.to(getattr(torch, cfg.dtype))
-        # No buffers: the RoPE angles are computed in forward for the positions it sees, so a model
-        # built on the meta device and loaded with load_state_dict(..., assign=True) is complete.
+        # No buffers: forward computes the RoPE angles it needs, so a meta-device model is complete once loaded.
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
