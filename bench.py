@@ -638,7 +638,8 @@ def main(argv):
           f"{os.getloadavg()[0]:.1f}", flush=True)
     for name in names or SECTIONS:
         SECTIONS[name](model_name)
-    MACHINE.report()
+    if MACHINE.samples:  # the sections that compare with the machine took samples
+        MACHINE.report()
     for report in TABLES:
         report()
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} {os.getloadavg()[1]:.1f} "
