@@ -7,7 +7,6 @@
     python sample.py init_from=path/to/Llama-3.2-1B      # a Llama folder, with its own tokenizer
     python sample.py --help                              # every key, with its type and default
 """
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass
