@@ -972,6 +972,13 @@ def test_llama_folder_with_tokenizer_end_to_end(tmp_path, story):
     tokenizer = train.load_tokenizer(ckpt["tokenizer"])
     assert train.complete(model.eval(), tokenizer, "The painter looked at", 12) + "\n" == expected
 
+    # and resumed: the model and the tokenizer come from the run's own checkpoint and folder
+    train.main(["init_from=resume", f"data={story}", f"out_dir={trained}", "device=cpu", "dtype=float32",
+                "epochs=2", "seq_len=32", "lr=0", "min_lr=0", "eval_iters=1", "prompt=The painter"])
+    resumed = torch.load(trained / "ckpt.pt", weights_only=True)
+    assert resumed["model_name"] == "llama2" and resumed["step"] == 2 * ckpt["step"] > 0
+    assert resumed["tokenizer"] == "tokenizer" and os.path.isfile(trained / "tokenizer" / "tokenizer.json")
+
 
 # ---- scaling: DDP, FSDP, resume, memmap
 
