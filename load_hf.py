@@ -229,6 +229,8 @@ def download(repo_id):
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RemoteEntryNotFoundError,
                                         RepositoryNotFoundError)
+    from huggingface_hub.utils import logging
+    logging.set_verbosity_error()  # its warnings of failed requests would come before our one line
     try:
         config = hf_hub_download(repo_id, "config.json")
         folder = os.path.dirname(config)
