@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import gpt2
 import train
-from train import (MODELS, UserError, apply_overrides, generate, import_model, model_config,
+from train import (MODELS, apply_overrides, generate, import_model, model_config,
                    parse_args, print_help)
 from sample import compile_for_decoding
 
@@ -647,8 +647,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"bench.py: {e}", file=sys.stderr)
-        sys.exit(2)
+    train.run(main, "bench.py")

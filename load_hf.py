@@ -35,7 +35,6 @@ import dataclasses
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +44,7 @@ from safetensors import safe_open
 import gpt2
 import llama2
 import llama3
-from train import (UserError, apply_overrides, import_model, load_tokenizer, parse_args, print_help,
+from train import (UserError, apply_overrides, import_model, load_tokenizer, parse_args, print_help, run,
                    save_checkpoint)
 
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # hub ids that have no owner/ part
@@ -424,10 +423,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"load_hf.py: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run(main, "load_hf.py")

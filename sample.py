@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from train import (UserError, apply_overrides, generate, load_checkpoint, load_tokenizer, parse_args,
-                   pick_device, print_help)
+                   pick_device, print_help, run)
 
 
 @dataclass
@@ -147,13 +147,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as e:
-        print(f"sample.py: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except BrokenPipeError:  # e.g. piped into head: stop quietly
-        sys.stdout = None
-        sys.exit(1)
+    run(main, "sample.py")

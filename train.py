@@ -88,6 +88,21 @@ class UserError(Exception):
     """A mistake in the command line or an input file: reported in one line, exit status 2."""
 
 
+def run(main, script):
+    """A script's entry point: main(argv), with a UserError reported in one line on stderr and exit
+    status 2 (no traceback), Ctrl-C quiet, and output cut short by a closed pipe (| head) quiet too."""
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"{script}: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.stdout = None
+        sys.exit(1)
+
+
 # ----------------------------------------------------------------------------- command line
 
 def parse_value(key, text, typ):
