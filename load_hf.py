@@ -44,8 +44,8 @@ from safetensors import safe_open
 import gpt2
 import llama2
 import llama3
-from train import (UserError, apply_overrides, import_model, load_tokenizer, parse_args, print_help, run,
-                   save_checkpoint)
+from common import (UserError, apply_overrides, import_model, load_tokenizer, parse_args, print_help, run,
+                    save_checkpoint)
 
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # hub ids that have no owner/ part
 AS_IS, CONV1D = "as is", "Conv1D"  # how HF stores one of our tensors: unchanged, or transposed

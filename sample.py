@@ -6,6 +6,12 @@
     python sample.py init_from=gpt2-xl                   # GPT-2's published weights (see load_hf.py)
     python sample.py init_from=path/to/Llama-3.2-1B      # a Llama folder, with its own tokenizer
     python sample.py --help                              # every key, with its type and default
+
+This file holds generation: sample_next picks a token, generate extends a batch step by step with the
+KV cache, complete turns a prompt into text (train.py prints one at each evaluation), and load_model
+rebuilds a model from a checkpoint of train.py or, through load_hf.py, from Hugging Face weights. It
+imports common.py (command line, tokenizers, checkpoint files) and load_hf.py, and nothing of
+training: it starts without torch.distributed.
 """
 import sys
 import time
@@ -13,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from train import (UserError, apply_overrides, generate, load_checkpoint, load_tokenizer, parse_args,
-                   pick_device, print_help, run)
+import load_hf
+from common import (UserError, apply_overrides, import_model, is_checkpoint, load_tokenizer, parse_args,
+                    pick_device, print_help, read_checkpoint, run)
 
 
 @dataclass
@@ -31,6 +38,81 @@ class SampleConfig:
     dtype: str = "checkpoint"    # checkpoint = as stored; or float32, bfloat16, float16
     use_cache: bool = True       # KV cache: each step computes only the new token
     compile: bool = False        # torch.compile the model: faster decoding after a minute of compiling
+
+
+def sample_next(logits, temperature, top_k, top_p):
+    """Pick the next token id of each row from its logits (b, vocab): greedy at temperature 0."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:  # keep the k most likely tokens
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]  # (b, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:  # nucleus: the smallest set of tokens whose probability adds up to top_p
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # the top token always stays
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, num_samples=1).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, eot_id=None,
+             use_cache=True):
+    """Extend idx (b, t), yielding the new token ids (b,) step by step.
+
+    Rows that have produced eot_id keep repeating it; generation stops when all rows have. Past the
+    context length the oldest tokens are dropped, as the book's crop does.
+    """
+    ctx = model.cfg.context_length
+    if use_cache:
+        model.setup_cache(idx.shape[0], min(ctx, idx.shape[1] + max_new_tokens))
+    done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    cached = 0  # positions whose keys and values are in the cache
+    for _ in range(max_new_tokens):
+        if not use_cache:
+            logits = model(idx[:, -ctx:], last_only=True)
+        else:
+            if idx.shape[1] > ctx:  # the window slid: every position moved, so refill the cache
+                cached = 0
+            start = max(0, idx.shape[1] - ctx)  # first token inside the window
+            logits = model(idx[:, start + cached:], start_pos=cached, last_only=True)
+            cached = idx.shape[1] - start
+        next_id = sample_next(logits[:, -1], temperature, top_k, top_p)  # (b,)
+        if eot_id is not None:
+            next_id = next_id.masked_fill(done, eot_id)
+            done |= next_id == eot_id
+        idx = torch.cat([idx, next_id[:, None]], dim=1)
+        yield next_id
+        if done.all():
+            break
+
+
+def complete(model, tokenizer, prompt, max_new_tokens, **kwargs):
+    """The prompt and its continuation as text (the first row only)."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([tokenizer.encode(prompt)], device=device)
+    new = [int(t) for t in generate(model, idx, max_new_tokens, eot_id=tokenizer.eot_id, **kwargs)]
+    if tokenizer.eot_id in new:
+        new = new[:new.index(tokenizer.eot_id)]
+    return tokenizer.decode(idx[0].tolist() + new)
+
+
+def load_model(path, device, dtype=torch.float32):
+    """The model saved by train.py in a checkpoint file or the out_dir holding ckpt.pt, and its
+    checkpoint dict; or one from a Hugging Face folder or hub id through load_hf.py, in dtype (None:
+    as stored)."""
+    if not is_checkpoint(path):
+        return load_hf.load(path, device, dtype)  # it also says when path is nothing loadable
+    ckpt = read_checkpoint(path)
+    try:
+        arch = import_model(ckpt["model_name"])
+        model = arch.Transformer(arch.Config(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:  # weights of another shape, or of a model this version does not have
+        raise UserError(f"{path} is not a checkpoint this project can load ({type(e).__name__}): "
+                        f"retrain it with python train.py or pass another init_from=") from None
+    return model.to(device), ckpt
 
 
 def check(cfg, vocab_size):
@@ -95,7 +177,7 @@ def main(argv):
         print_help(__doc__, [("keys", cfg)])
         return
     device = pick_device(cfg.device)
-    model, ckpt = load_checkpoint(cfg.init_from, device, dtype=None)  # None: Hugging Face weights as stored
+    model, ckpt = load_model(cfg.init_from, device, dtype=None)  # None: Hugging Face weights as stored
     if model_name is not None and model_name != ckpt["model_name"]:
         raise UserError(f"--model {model_name} does not match the checkpoint, which holds a "
                         f"{ckpt['model_name']} model: leave --model out")

@@ -13,13 +13,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+import common  # noqa: E402
 import gpt2  # noqa: E402
 import llama2  # noqa: E402
 import llama3  # noqa: E402
 import load_hf  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
-from train import UserError  # noqa: E402
+from common import UserError  # noqa: E402
+from data import prepare  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -119,8 +121,8 @@ def test_cached_logits_equal_full_sequence_logits():
 def test_generation_with_and_without_cache_agree(batch):
     model = tiny_gpt2()  # context 64: 20 + 80 tokens go well past it
     idx = torch.randint(0, 50257, (batch, 20))
-    with_cache = torch.stack(list(train.generate(model, idx, 80, use_cache=True)), dim=1)
-    without = torch.stack(list(train.generate(model, idx, 80, use_cache=False)), dim=1)
+    with_cache = torch.stack(list(sample.generate(model, idx, 80, use_cache=True)), dim=1)
+    without = torch.stack(list(sample.generate(model, idx, 80, use_cache=False)), dim=1)
     assert with_cache.shape == (batch, 80)
     assert torch.equal(with_cache, without)
 
@@ -146,11 +148,11 @@ class ScriptedModel(torch.nn.Module):
 
 def test_batched_generation_stops_each_row_at_end_of_text():
     model = ScriptedModel(eot_at=[2, 5, 100])
-    out = torch.stack(list(train.generate(model, torch.zeros(3, 1, dtype=torch.long), 8, eot_id=9)), 1)
+    out = torch.stack(list(sample.generate(model, torch.zeros(3, 1, dtype=torch.long), 8, eot_id=9)), 1)
     assert out[0].tolist() == [1, 1, 9, 9, 9, 9, 9, 9]  # row 0 ended, and stays ended
     assert out[1].tolist() == [2, 2, 2, 2, 2, 9, 9, 9]
     assert out[2].tolist() == [3] * 8
-    done = list(train.generate(ScriptedModel(eot_at=[2, 3]), torch.zeros(2, 1, dtype=torch.long), 50,
+    done = list(sample.generate(ScriptedModel(eot_at=[2, 3]), torch.zeros(2, 1, dtype=torch.long), 50,
                                eot_id=9))
     assert len(done) == 4  # stops as soon as every row has ended
 
@@ -158,13 +160,13 @@ def test_batched_generation_stops_each_row_at_end_of_text():
 def test_top_k_and_top_p_keep_only_the_likely_tokens():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     torch.manual_seed(0)
-    picks = {int(train.sample_next(logits, 1.0, 2, 1.0)) for _ in range(200)}
+    picks = {int(sample.sample_next(logits, 1.0, 2, 1.0)) for _ in range(200)}
     assert picks == {0, 1}
-    picks = {int(train.sample_next(logits, 1.0, None, 0.7)) for _ in range(200)}
+    picks = {int(sample.sample_next(logits, 1.0, None, 0.7)) for _ in range(200)}
     assert picks == {0, 1}  # 0.5 alone is under 0.7; 0.5 + 0.3 covers it
-    picks = {int(train.sample_next(logits, 1.0, None, 0.4)) for _ in range(50)}
+    picks = {int(sample.sample_next(logits, 1.0, None, 0.4)) for _ in range(50)}
     assert picks == {0}
-    assert int(train.sample_next(logits, 0.0, None, 1.0)) == 0  # greedy
+    assert int(sample.sample_next(logits, 0.0, None, 1.0)) == 0  # greedy
 
 
 def test_same_seed_same_sample():
@@ -173,7 +175,7 @@ def test_same_seed_same_sample():
 
     def draw(seed):
         torch.manual_seed(seed)
-        return torch.stack(list(train.generate(model, idx, 20, temperature=1.0, top_k=50)), dim=1)
+        return torch.stack(list(sample.generate(model, idx, 20, temperature=1.0, top_k=50)), dim=1)
 
     assert torch.equal(draw(1), draw(1))
     assert not torch.equal(draw(1), draw(2))
@@ -182,7 +184,7 @@ def test_same_seed_same_sample():
 # ---- tokenizer
 
 def test_tokenizer_matches_gpt2_ids_offline():
-    tok = train.load_tokenizer("gpt2")
+    tok = common.load_tokenizer("gpt2")
     text = "Hello, do you like tea? <|endoftext|> In the sunlit terraces of someunknownPlace."
     ids = [15496, 11, 466, 345, 588, 8887, 30, 220, 50256, 554, 262, 4252, 18250, 8812, 2114, 286, 617,
            34680, 27271, 13]
@@ -194,9 +196,9 @@ def test_tokenizer_matches_gpt2_ids_offline():
 # ---- command line
 
 def parsed(*argv, usage="train.py"):
-    model_name, pairs, _ = train.parse_args(list(argv), usage)
+    model_name, pairs, _ = common.parse_args(list(argv), usage)
     cfg, model_cfg = train.TrainConfig(), gpt2.Config()
-    train.apply_overrides(pairs, [cfg, model_cfg], usage)
+    common.apply_overrides(pairs, [cfg, model_cfg], usage)
     return model_name, cfg, model_cfg
 
 
@@ -280,10 +282,10 @@ def test_tiny_model_loss_falls(tmp_path, story, capsys):
 def test_checkpoint_round_trip(tmp_path):
     model = tiny_gpt2(n_layers=1)
     path = str(tmp_path / "ckpt.pt")
-    train.save_checkpoint({"model": model.state_dict(), "model_name": "gpt2",
+    common.save_checkpoint({"model": model.state_dict(), "model_name": "gpt2",
                            "model_config": model.cfg.__dict__, "tokenizer": "gpt2"}, path)
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temporary file was renamed away
-    loaded, ckpt = train.load_checkpoint(str(tmp_path), "cpu")
+    loaded, ckpt = sample.load_model(str(tmp_path), "cpu")
     idx = torch.randint(0, 50257, (1, 10))
     with torch.no_grad():
         assert torch.equal(model(idx), loaded.eval()(idx))
@@ -292,10 +294,10 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_missing_or_corrupt_checkpoint(tmp_path):
     with pytest.raises(UserError, match="no checkpoint at"):
-        train.load_checkpoint(str(tmp_path), "cpu")
+        sample.load_model(str(tmp_path), "cpu")
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(UserError, match="is not a checkpoint this project can load"):
-        train.load_checkpoint(str(tmp_path), "cpu")
+        sample.load_model(str(tmp_path), "cpu")
 
 
 # ---- end to end, in subprocesses as a user runs them
@@ -338,7 +340,7 @@ def test_train_then_sample_end_to_end(tmp_path, story):
 def test_bad_input_gives_one_line_and_status_2(tmp_path, script, args, message):
     if script == "sample.py" and not args[0].startswith("init_from"):  # needs a checkpoint to get there
         model = tiny_gpt2(n_layers=1)
-        train.save_checkpoint({"model": model.state_dict(), "model_name": "gpt2",
+        common.save_checkpoint({"model": model.state_dict(), "model_name": "gpt2",
                                "model_config": model.cfg.__dict__, "tokenizer": "gpt2"},
                               str(tmp_path / "ckpt.pt"))
         args = [*args, f"init_from={tmp_path}"]
@@ -488,7 +490,7 @@ def test_llama_from_hf_matches_transformers(name, tmp_path):
     hf_model.generation_config.eos_token_id = None  # exactly 20 tokens, as ours without eot_id
     theirs = hf_model.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
                                max_new_tokens=20, pad_token_id=0)[:, seq_len:]
-    ours = torch.stack(list(train.generate(model, idx, 20)), dim=1)  # greedy, with the KV cache
+    ours = torch.stack(list(sample.generate(model, idx, 20)), dim=1)  # greedy, with the KV cache
     assert torch.equal(ours, theirs)
 
 
@@ -539,8 +541,8 @@ def test_llama_generate_same_with_and_without_cache(module, overrides, batch):
     model = _llama_randomize(module.Transformer(cfg), seed=2).eval()
     idx = torch.randint(0, cfg.vocab_size, (batch, 5), generator=torch.Generator().manual_seed(3))
     n = 20  # 5 + 20 tokens: the window slides past the 12-token context
-    with_cache = torch.stack(list(train.generate(model, idx, n, temperature=0.0, use_cache=True)), 1)
-    without = torch.stack(list(train.generate(model, idx, n, temperature=0.0, use_cache=False)), 1)
+    with_cache = torch.stack(list(sample.generate(model, idx, n, temperature=0.0, use_cache=True)), 1)
+    without = torch.stack(list(sample.generate(model, idx, n, temperature=0.0, use_cache=False)), 1)
     assert with_cache.shape == (batch, n)
     assert torch.equal(with_cache, without)
 
@@ -623,7 +625,7 @@ def _hf_assert_same(ours, theirs, vocab_size, prompt_len=12, new_tokens=30):
     theirs.generation_config.eos_token_id = None  # generate exactly new_tokens, as ours does without eot_id
     expected = theirs.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
                                max_new_tokens=new_tokens, pad_token_id=0)[:, prompt_len:]
-    got = torch.stack(list(train.generate(ours, idx, new_tokens)), dim=1)
+    got = torch.stack(list(sample.generate(ours, idx, new_tokens)), dim=1)
     assert torch.equal(got, expected)
     return diff
 
@@ -967,10 +969,10 @@ def test_llama_folder_with_tokenizer_end_to_end(tmp_path, story):
     train.main([f"init_from={out}", f"data={story}", f"out_dir={trained}", "device=cpu", "dtype=float32",
                 "epochs=1", "seq_len=32", "lr=0", "min_lr=0", "eval_iters=1", "prompt=The painter"])
     assert os.path.isfile(trained / "tokenizer" / "tokenizer.json")
-    model, ckpt = train.load_checkpoint(str(trained), "cpu")
+    model, ckpt = sample.load_model(str(trained), "cpu")
     assert ckpt["tokenizer"] == str(trained / "tokenizer")
-    tokenizer = train.load_tokenizer(ckpt["tokenizer"])
-    assert train.complete(model.eval(), tokenizer, "The painter looked at", 12) + "\n" == expected
+    tokenizer = common.load_tokenizer(ckpt["tokenizer"])
+    assert sample.complete(model.eval(), tokenizer, "The painter looked at", 12) + "\n" == expected
 
     # and resumed: the model and the tokenizer come from the run's own checkpoint and folder
     train.main(["init_from=resume", f"data={story}", f"out_dir={trained}", "device=cpu", "dtype=float32",
@@ -1040,7 +1042,7 @@ def test_scale_two_processes_match_one_process(_scale_one_process, mode):
     for name, weight in ckpt["model"].items():
         assert (weight - reference["model"][name]).abs().max() < 1e-5, name
     assert len(ckpt["rng"]) == 2 and ckpt["step"] == 4
-    loaded, _ = train.load_checkpoint(str(out), "cpu")  # and sample.py reads it as any other
+    loaded, _ = sample.load_model(str(out), "cpu")  # and sample.py reads it as any other
     assert loaded.lm_head.weight is loaded.token_embedding.weight
 
 
@@ -1058,7 +1060,7 @@ def test_scale_resume_is_exact(tmp_path, monkeypatch, mode):
     train.main([*args, f"out_dir={tmp_path / 'whole'}"])
     whole = _scale_ckpt(tmp_path / "whole")
 
-    save = train.save_checkpoint
+    save = common.save_checkpoint
 
     def save_then_stop(checkpoint, path):
         save(checkpoint, path)
@@ -1116,7 +1118,7 @@ def test_scale_sigkill_while_checkpointing_leaves_a_resumable_checkpoint(tmp_pat
         run.kill()
         run.wait()
         (out / "ckpt.pt.tmp").unlink(missing_ok=True)  # so that the next round sees its own write begin
-        model, ckpt = train.load_checkpoint(str(out), "cpu")
+        model, ckpt = sample.load_model(str(out), "cpu")
         steps.append(ckpt["step"])
     assert steps == sorted(steps) and steps[-1] > steps[0]  # each round carried on from the last
     finish = subprocess.run(args + ["init_from=resume"], cwd=HERE, env=env, capture_output=True, text=True,
@@ -1129,11 +1131,11 @@ def test_scale_sigkill_while_checkpointing_leaves_a_resumable_checkpoint(tmp_pat
 
 
 def test_scale_memmap_batches_equal_in_memory_batches(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "PIECE_BYTES", 50)  # many pieces, so many cuts between them
-    tok = train.load_tokenizer("gpt2")
+    monkeypatch.setattr(prepare, "PIECE_BYTES", 50)  # many pieces, so many cuts between them
+    tok = common.load_tokenizer("gpt2")
     data = _scale_corpus(tmp_path)
-    train.tokenize_corpus(data, tok)
-    cache, dtype = train.token_cache(data, tok)
+    prepare.tokenize_corpus(data, tok)
+    cache, dtype = prepare.token_cache(data, tok)
     tokens = np.memmap(cache, dtype=dtype, mode="r")
     ids = np.array(tok.encode(_scale_text()))  # the whole text, encoded at once, in memory
     assert dtype == np.uint16 and np.array_equal(tokens, ids)
@@ -1141,18 +1143,18 @@ def test_scale_memmap_batches_equal_in_memory_batches(tmp_path, monkeypatch):
     cfg = train.TrainConfig(batch_size=4, seed=7)
     for cfg.max_iters in (100, 0):
         for step in range(12):
-            starts = train.batch_starts(step, len(ids), 32, cfg)
-            for from_disk, from_memory in zip(train.get_batch(tokens, starts, 32), train.get_batch(ids, starts, 32)):
+            starts = prepare.batch_starts(step, len(ids), 32, cfg)
+            for from_disk, from_memory in zip(prepare.get_batch(tokens, starts, 32), prepare.get_batch(ids, starts, 32)):
                 assert torch.equal(from_disk, from_memory)
     # epochs: the book's sliding windows (unfold), each once per epoch, in a new order each epoch
     windows = torch.from_numpy(ids).unfold(0, 33, 32)  # (n, t + 1)
     per_epoch = len(windows) // 4
-    seen = [train.batch_starts(step, len(ids), 32, cfg) for step in range(2 * per_epoch)]
+    seen = [prepare.batch_starts(step, len(ids), 32, cfg) for step in range(2 * per_epoch)]
     first, second = torch.cat(seen[:per_epoch]), torch.cat(seen[per_epoch:])
     assert len(set(first.tolist())) == len(first) and not torch.equal(first, second)
-    x, y = train.get_batch(tokens, seen[3], 32)
+    x, y = prepare.get_batch(tokens, seen[3], 32)
     assert torch.equal(x, windows[seen[3] // 32, :-1]) and torch.equal(y, windows[seen[3] // 32, 1:])
-    assert not torch.equal(train.batch_starts(0, len(ids), 32, train.TrainConfig(batch_size=4, seed=8)),
+    assert not torch.equal(prepare.batch_starts(0, len(ids), 32, train.TrainConfig(batch_size=4, seed=8)),
                            seen[0])
 
     # a folder: its .txt files, in order, joined by <|endoftext|>; tokenized again when one changes
@@ -1163,13 +1165,13 @@ def test_scale_memmap_batches_equal_in_memory_batches(tmp_path, monkeypatch):
     (folder / "notes.md").write_text("not part of the corpus")
 
     def cached():
-        train.tokenize_corpus(str(folder), tok)
-        return np.fromfile(train.token_cache(str(folder), tok)[0], dtype=np.uint16)
+        prepare.tokenize_corpus(str(folder), tok)
+        return np.fromfile(prepare.token_cache(str(folder), tok)[0], dtype=np.uint16)
 
     assert np.array_equal(cached(), tok.encode("First book. " * 40 + "<|endoftext|>" + _scale_text()[:2000]))
     (folder / "a.txt").write_text("Second edition. " * 40, encoding="utf-8")
     assert np.array_equal(cached()[:5], tok.encode("Second edition. " * 40)[:5])
-    monkeypatch.setattr(train, "encode_in_order", None)  # unchanged: read from the cache
+    monkeypatch.setattr(prepare, "encode_in_order", None)  # unchanged: read from the cache
     assert len(cached()) > 0
 
 
@@ -1276,7 +1278,7 @@ def _fast_ids(batch, length, seed=2):
 
 
 def _fast_greedy(model, idx, n, use_cache=True):
-    return torch.stack(list(train.generate(model, idx, n, use_cache=use_cache)), dim=1)
+    return torch.stack(list(sample.generate(model, idx, n, use_cache=use_cache)), dim=1)
 
 
 @pytest.mark.parametrize("name", list(_FAST_MODELS))

@@ -1,0 +1,269 @@
+"""What every script here shares: the key=value command line and its one-line errors, the tokenizers,
+and checkpoint files (written atomically, read memory-mapped).
+
+    from common import UserError, parse_args, apply_overrides, load_tokenizer, read_checkpoint, ...
+
+train.py, sample.py, load_hf.py and bench.py import it; it imports no script, only the model files
+(gpt2.py, llama2.py, llama3.py) by name in import_model, so the imports run one way:
+model files <- common.py <- load_hf.py <- sample.py <- train.py (and bench.py on top).
+"""
+import dataclasses
+import difflib
+import hashlib
+import importlib
+import os
+import sys
+import time
+import types
+
+import numpy as np
+import tiktoken
+import torch
+from tiktoken.load import load_tiktoken_bpe
+from tiktoken_ext.openai_public import r50k_pat_str
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODELS = {"gpt2": "verdict", "llama2": "toy", "llama3": "toy"}  # architecture file -> default preset
+
+
+class UserError(Exception):
+    """A mistake in the command line or an input file: reported in one line, exit status 2."""
+
+
+def run(main, script, interrupted=""):
+    """A script's entry point: main(argv), with a UserError reported in one line on stderr and exit
+    status 2 (no traceback), Ctrl-C quiet (but for the interrupted note), and output cut short by a
+    closed pipe (| head) quiet too."""
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process stops; one says why
+            print(f"{script}: {e}", file=sys.stderr)
+        else:
+            time.sleep(2)  # torchrun stops all processes when one exits: give process 0 time to say why
+        sys.exit(2)
+    except KeyboardInterrupt:
+        if interrupted:
+            print(f"{script}: {interrupted}", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.stdout = None
+        sys.exit(1)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_value(key, text, typ):
+    """Turn the command-line text of key=text into the field's type (int, float, bool, str, X | None)."""
+    if isinstance(typ, types.UnionType):  # X | None
+        if text.lower() == "none":
+            return None
+        typ = next(t for t in typ.__args__ if t is not type(None))
+    if typ is bool:
+        if text.lower() in ("true", "1", "yes", "on"):
+            return True
+        if text.lower() in ("false", "0", "no", "off"):
+            return False
+        raise UserError(f"{key}={text}: expected true or false")
+    try:
+        return typ(text)
+    except ValueError:
+        raise UserError(f"{key}={text}: expected {'a number' if typ is float else 'a whole number' if typ is int else 'text'},"
+                        f" e.g. {key}={1.0 if typ is float else 1}") from None
+
+
+def parse_args(argv, usage):
+    """Split argv into (model name, {key: text}); --help prints the keys and exits."""
+    model_name, pairs, want_help = None, {}, False
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            want_help = True
+            continue
+        if arg == "--model":
+            if not args:
+                raise UserError(f"--model needs a name: one of {', '.join(MODELS)}")
+            arg = "model=" + args.pop(0)
+        key, sep, text = arg.removeprefix("--").partition("=")
+        if not sep:
+            raise UserError(f"'{arg}' is not key=value; run python {usage} --help for the keys")
+        if key == "model":
+            model_name = text
+        else:
+            pairs[key] = text
+    if model_name is not None and model_name not in MODELS:
+        raise UserError(f"unknown model '{model_name}': choose one of {', '.join(MODELS)}")
+    return model_name, pairs, want_help
+
+
+def apply_overrides(pairs, targets, usage):
+    """Set each key=text on whichever dataclass instance in targets has that field."""
+    for key, text in pairs.items():
+        target = next((t for t in targets if key in {f.name for f in dataclasses.fields(t)}), None)
+        if target is None:
+            known = sorted(f.name for t in targets for f in dataclasses.fields(t))
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean '{near[0]}'? " if near else ""
+            raise UserError(f"unknown key '{key}': {hint}valid keys are {', '.join(known)}"
+                            f" (python {usage} --help shows their types)")
+        field = next(f for f in dataclasses.fields(target) if f.name == key)
+        setattr(target, key, parse_value(key, text, field.type))
+
+
+def print_help(doc, sections):
+    print(doc.strip().split("\n\n")[1] if "\n\n" in doc else doc)
+    for title, obj in sections:
+        print(f"\n{title}:")
+        for f in dataclasses.fields(obj):
+            typ = str(f.type).replace("<class '", "").replace("'>", "")
+            print(f"  {f.name:16s} {typ:12s} {getattr(obj, f.name)!r}")
+
+
+def import_model(name):
+    return importlib.import_module(name)  # gpt2.py, llama2.py, ...: each defines Config, PRESETS, Transformer
+
+
+def model_config(arch, preset):
+    if preset not in arch.PRESETS:
+        raise UserError(f"unknown config '{preset}' for {arch.__name__}: choose one of "
+                        f"{', '.join(arch.PRESETS)}")
+    return arch.Config(**arch.PRESETS[preset])
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device={name} is not a device: use auto, cpu, cuda, cuda:1 or mps") from None
+    if (device.type == "cuda" and not torch.cuda.is_available()) or (
+            device.type == "mps" and not torch.backends.mps.is_available()):
+        raise UserError(f"device={name} is not available on this machine: use device=cpu or auto")
+    return device
+
+
+def pick_dtype(name, device):
+    if name == "auto":  # bf16 where the hardware runs it fast: recent GPUs, and CPUs with AVX-512 BF16/AMX
+        fast_bf16 = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+                     else device.type == "cpu" and torch.cpu._is_avx512_bf16_supported())
+        return torch.bfloat16 if fast_bf16 else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise UserError(f"dtype={name} is not supported: use auto, {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+class Tokenizer:
+    """GPT-2's byte-pair encoding, built from data/gpt2.tiktoken so that it works offline."""
+
+    name = tag = "gpt2"
+
+    def __init__(self):
+        ranks = load_tiktoken_bpe(os.path.join(HERE, "data", "gpt2.tiktoken"))
+        self.enc = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                     special_tokens={"<|endoftext|>": 50256})
+        self.eot_id = 50256
+        self.vocab_size = self.enc.n_vocab  # 50257
+
+    def encode(self, text):
+        return self.enc.encode(text, allowed_special={"<|endoftext|>"})
+
+    def encode_to_numpy(self, text):  # the same ids as a uint32 array: no Python list, faster for long texts
+        return self.enc.encode_to_numpy(text, allowed_special={"<|endoftext|>"})
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+    def save(self, out_dir):
+        """What a checkpoint in out_dir records to find this tokenizer again: here, nothing to copy."""
+        return "gpt2"
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer folder (tokenizer.json, which Llama checkpoints bring), read with
+    transformers' AutoTokenizer from local files only, behind the same interface as Tokenizer."""
+
+    def __init__(self, folder):
+        path = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise UserError(f"{folder} has no tokenizer.json: copy the model's tokenizer files "
+                            f"(tokenizer.json, tokenizer_config.json) beside its config.json")
+        from transformers import AutoTokenizer  # here, not at the top: importing it takes seconds
+        try:
+            self.hf = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except Exception as e:  # a truncated or foreign file
+            raise UserError(f"cannot read the tokenizer in {folder} ({type(e).__name__}): copy the model's "
+                            f"tokenizer files again") from None
+        self.name = folder
+        with open(path, "rb") as f:  # names the token cache of a corpus: one per tokenizer
+            self.tag = "tok-" + hashlib.sha1(f.read()).hexdigest()[:10]
+        self.eot_id = self.hf.eos_token_id  # Llama 3: <|end_of_text|>, Llama 2: </s>
+        self.vocab_size = len(self.hf)  # special tokens included
+
+    def encode(self, text):
+        return self.hf.encode(text)  # with the start token (<s>, <|begin_of_text|>) the model expects
+
+    def encode_to_numpy(self, text):  # a corpus's pieces: no start token in the middle of a text
+        return np.array(self.hf.encode(text, add_special_tokens=False), dtype=np.uint32)
+
+    def decode(self, ids):
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+    def save(self, out_dir):
+        """A copy in out_dir/tokenizer, so that the checkpoint there stands alone; it records the folder."""
+        if os.path.abspath(self.name) != os.path.abspath(os.path.join(out_dir, "tokenizer")):
+            self.hf.save_pretrained(os.path.join(out_dir, "tokenizer"))
+        return "tokenizer"  # relative to the checkpoint's folder, see read_checkpoint
+
+
+def load_tokenizer(name):
+    """GPT-2's tokenizer ("gpt2"), or the Hugging Face tokenizer in the folder name (a Llama's)."""
+    return Tokenizer() if name == "gpt2" else HFTokenizer(name)
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+
+def save_checkpoint(checkpoint, path):
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)  # make the rename itself survive a power cut
+    finally:
+        os.close(folder)
+
+
+def read_checkpoint(path):
+    """The checkpoint dict saved by train.py, from a file or the out_dir holding ckpt.pt.
+
+    Its tensors stay memory-mapped on the CPU: only those that are used (the model's, for sampling)
+    are read from disk.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: train one with python train.py, or pass init_from=")
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        ckpt["model_name"], ckpt["model_config"], ckpt["model"]
+    except Exception as e:  # truncated file, or not a checkpoint
+        raise UserError(f"{path} is not a checkpoint this project can load ({type(e).__name__}): "
+                        f"retrain it with python train.py or pass another init_from=") from None
+    if ckpt["tokenizer"] != "gpt2":  # a tokenizer folder beside ckpt.pt (HFTokenizer.save)
+        ckpt["tokenizer"] = os.path.join(os.path.dirname(path), ckpt["tokenizer"])
+    return ckpt
+
+
+def is_checkpoint(path):
+    return os.path.isfile(path) or os.path.isfile(os.path.join(path, "ckpt.pt"))
