@@ -30,6 +30,10 @@ nn.Linear multiplies by as fast, and the pages are read from disk when first use
 dtype or device makes copies, one tensor at a time. Loading never holds two copies of the weights.
 The checkpoint written keeps the dtype the weights are stored in (GPT-2's float32, Llama 3's bfloat16)
 unless dtype= says otherwise.
+
+This file imports the three model files and common.py (command line, tokenizers, checkpoint files);
+sample.py and train.py import it to take a hub id or folder as init_from=. huggingface_hub is imported
+only when something is downloaded.
 """
 import dataclasses
 import json

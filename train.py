@@ -20,10 +20,11 @@ import functools
 import json
 import math
 import os
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import NamedTuple
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -80,20 +81,13 @@ class TrainConfig:
 KEEPS_WEIGHTS = ("dropout", "flash")  # the model keys that may change when training pretrained weights
 
 
-class Processes(NamedTuple):
+def processes():
     """This process's place in the run: torchrun starts one process per GPU (or CPU share) and tells
     each its rank in the environment; a plain python train.py is process 0 of 1."""
-    distributed: bool
-    rank: int
-    local_rank: int  # on this machine
-    world_size: int
-    master: bool  # the one process that prints, plots and writes
-
-
-def processes():
     rank = int(os.environ.get("RANK", 0))
-    return Processes("RANK" in os.environ, rank, int(os.environ.get("LOCAL_RANK", 0)),
-                     int(os.environ.get("WORLD_SIZE", 1)), rank == 0)
+    return SimpleNamespace(distributed="RANK" in os.environ, rank=rank, world_size=int(os.environ.get("WORLD_SIZE", 1)),
+                           local_rank=int(os.environ.get("LOCAL_RANK", 0)),  # on this machine
+                           master=rank == 0)  # the one process that prints, plots and writes
 
 
 def starting_point(cfg, model_name, ckpt_path):
@@ -126,8 +120,8 @@ def starting_point(cfg, model_name, ckpt_path):
 
 
 def configure(argv):
-    """The settings of the run from the command line: (cfg, model name, its Config, where it comes
-    from, the checkpoint dict to start from or None); None after printing --help."""
+    """(cfg, model name, its Config, where it comes from, the checkpoint dict to start from or None)
+    from the command line; None after printing --help."""
     usage = "train.py"
     model_name, pairs, want_help = parse_args(argv, usage)
     cfg = TrainConfig()
@@ -192,12 +186,9 @@ def pick_place(cfg, procs):
     elif procs.distributed and device.type != "cpu":
         raise UserError(f"torchrun runs on CUDA GPUs or on the CPU, not {device.type}: pass device=cpu")
     dtype = pick_dtype(cfg.dtype, device)
-    probe = os.path.join(cfg.out_dir, f".write-test-{procs.rank}")
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=cfg.out_dir).close()
     except OSError as e:
         raise UserError(f"cannot write to out_dir={cfg.out_dir} ({e.strerror}): pass another out_dir=")
     return device, dtype
@@ -205,13 +196,15 @@ def pick_place(cfg, procs):
 
 # ----------------------------------------------------------------------------- data
 
-def load_data(cfg, tokenizer, ctx, procs, device):
-    """The corpus's tokens, as (training part, validation part): the first 90% and the last 10%.
-
-    The tokens are cached beside the corpus (data/prepare.py) and read through a memmap, so a corpus
-    larger than memory trains as well. One process on each machine tokenizes, if the cache is not up
-    to date yet, before the process group starts: the others wait for it in the barrier.
-    """
+def load_data(cfg, model_cfg, init, ctx, procs, device):
+    """The tokenizer (pretrained weights keep theirs) and the corpus's tokens, the first 90% to train
+    and the last 10% to validate, cached beside it (data/prepare.py). One process on each machine
+    tokenizes, if the cache is out of date, before the process group starts: the others wait for it
+    in the barrier."""
+    tokenizer = load_tokenizer(init["tokenizer"] if init else "gpt2")
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise UserError(f"vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+                        f"{tokenizer.vocab_size}: leave vocab_size at its default")
     if procs.local_rank == 0:
         tokenize_corpus(cfg.data, tokenizer)
     if procs.distributed:
@@ -220,8 +213,7 @@ def load_data(cfg, tokenizer, ctx, procs, device):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
         dist.barrier()
-    train_tokens, val_tokens = read_splits(cfg.data, tokenizer, ctx)
-    return train_tokens, val_tokens
+    return tokenizer, *read_splits(cfg.data, tokenizer, ctx)
 
 
 def schedule(cfg, n_windows):
@@ -238,13 +230,10 @@ def schedule(cfg, n_windows):
 # ----------------------------------------------------------------------------- model and optimizer
 
 def build_model(cfg, arch, model_cfg, init, device, procs):
-    """The model, its AdamW optimizer and the loss scaler, with the weights and (resuming) the training
-    state of init; returns them with the step to start from and the loss history so far.
-
-    The model is built whole on the CPU, the same on every process (same seed); then either moved to
-    the device, or, under FSDP, cut into shards (each block, then the rest) of which each process
-    keeps one on its device.
-    """
+    """The model (raw, and as trained: compiled, DDP), AdamW, the loss scaler, the step to start from
+    and the loss history, with init's weights and, resuming, its training state. The model is built
+    whole on the CPU, the same on every process (same seed), then moved to the device or, under FSDP,
+    cut into shards (each block, then the rest) of which each process keeps one."""
     torch.manual_seed(cfg.seed)
     raw_model = arch.Transformer(model_cfg)
     if cfg.fsdp:
@@ -347,8 +336,7 @@ def plot_losses(history, path):
     ax.plot(history["step_tokens"], history["step_loss"], alpha=0.3, label="train (each step)")
     ax.plot(history["tokens"], history["train"], "o-", label="train")
     ax.plot(history["tokens"], history["val"], "o-", label="validation")
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("cross-entropy loss")
+    ax.set(xlabel="tokens seen", ylabel="cross-entropy loss")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path + ".tmp", format="png")
@@ -357,7 +345,7 @@ def plot_losses(history, path):
 
 
 def open_log(path, step):
-    """The metrics log, opened for appending, keeping only the lines of steps before a resumed step."""
+    """The metrics log, opened for appending, keeping only the lines of steps up to a resumed step."""
     kept = []
     if step > 0 and os.path.exists(path):
         with open(path) as f:
@@ -415,13 +403,9 @@ def main(argv):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
 
     # data: windows of ctx + 1 tokens (inputs and the targets one token later), every stride tokens
-    tokenizer = load_tokenizer(init["tokenizer"] if init else "gpt2")  # pretrained weights keep theirs
-    if model_cfg.vocab_size < tokenizer.vocab_size:
-        raise UserError(f"vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
-                        f"{tokenizer.vocab_size}: leave vocab_size at its default")
     ctx = cfg.seq_len or model_cfg.context_length
     stride = cfg.stride or ctx
-    train_tokens, val_tokens = load_data(cfg, tokenizer, ctx, procs, device)
+    tokenizer, train_tokens, val_tokens = load_data(cfg, model_cfg, init, ctx, procs, device)
     n_windows = len(window_starts(len(train_tokens), ctx, stride))
     total_steps, steps_per_epoch, eval_interval = schedule(cfg, n_windows)
     micro_batch = cfg.batch_size // (procs.world_size * cfg.grad_accum)
