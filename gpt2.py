@@ -72,7 +72,7 @@ class KVCache(nn.Module):
         end = start_pos + k.shape[2]
         self.k[:, :, start_pos:end] = k
         self.v[:, :, start_pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]  # (b, h, s, k): all positions up to now
+        return self.k[:, :, :end], self.v[:, :, :end]  # (b, h, s, d): all positions up to now
 
 
 class Attention(nn.Module):
@@ -91,9 +91,9 @@ class Attention(nn.Module):
         self.cache = None  # a KVCache while generating, see Transformer.setup_cache
 
     def forward(self, x, mask, start_pos=None):
-        q = rearrange(self.wq(x), 'b t (h k) -> b h t k', h=self.n_heads)
-        k = rearrange(self.wk(x), 'b s (h k) -> b h s k', h=self.n_heads)
-        v = rearrange(self.wv(x), 'b s (h k) -> b h s k', h=self.n_heads)
+        q = rearrange(self.wq(x), 'b t (h d) -> b h t d', h=self.n_heads)
+        k = rearrange(self.wk(x), 'b s (h d) -> b h s d', h=self.n_heads)
+        v = rearrange(self.wv(x), 'b s (h d) -> b h s d', h=self.n_heads)
         if start_pos is not None:
             k, v = self.cache.update(start_pos, k, v)
         dropout = self.dropout if self.training else 0.0
@@ -102,11 +102,11 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask,
                                                  is_causal=causal, dropout_p=dropout)
         else:
-            scores = torch.einsum('bhtk, bhsk -> bhts', q, k) / math.sqrt(self.d_head)
+            scores = torch.einsum('bhtd, bhsd -> bhts', q, k) / math.sqrt(self.d_head)
             scores = scores.masked_fill(~mask, float('-inf'))
             weights = F.dropout(torch.softmax(scores, dim=-1), dropout, self.training)
-            out = torch.einsum('bhts, bhsk -> bhtk', weights, v)
-        return self.wo(rearrange(out, 'b h t k -> b t (h k)'))
+            out = torch.einsum('bhts, bhsd -> bhtd', weights, v)
+        return self.wo(rearrange(out, 'b h t d -> b t (h d)'))
 
 
 class MLP(nn.Module):
@@ -185,13 +185,13 @@ class Transformer(nn.Module):
         t = idx.shape[1]
         start = start_pos or 0
         positions = torch.arange(start, start + t, device=idx.device)
-        x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))  # (b, t, d)
+        x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))  # (b, t, d_model)
         # mask[i, j]: query i (at position start + i) may look at key j (at position j)
         mask = torch.ones(t, start + t, dtype=torch.bool, device=idx.device).tril(diagonal=start)
         for block in self.blocks:
             x = block(x, mask, start_pos)
         if last_only:
-            x = x[:, -1:]  # (b, 1, d)
+            x = x[:, -1:]  # (b, 1, d_model)
         return self.lm_head(self.final_norm(x))
 
 
