@@ -86,7 +86,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.d_model, cfg.d_model)
-        self.dropout = cfg.dropout
+        self.dropout = nn.Dropout(cfg.dropout)  # on the attention weights
         self.flash = cfg.flash
         self.cache = None  # a KVCache while generating, see Transformer.setup_cache
 
@@ -96,15 +96,15 @@ class Attention(nn.Module):
         v = rearrange(self.wv(x), 'b s (h d) -> b h s d', h=self.n_heads)
         if use_cache:
             k, v = self.cache.update(start_pos, k, v)
-        dropout = self.dropout if self.training else 0.0
         if self.flash:  # fused kernel, same maths; is_causal lets it skip the masked half
             causal = q.shape[2] == k.shape[2]
+            dropout_p = self.dropout.p if self.training else 0.0  # it takes the rate, not the module
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask,
-                                                 is_causal=causal, dropout_p=dropout)
+                                                 is_causal=causal, dropout_p=dropout_p)
         else:
             scores = torch.einsum('bhtd, bhsd -> bhts', q, k) / math.sqrt(self.d_head)
             scores = scores.masked_fill(~mask, float('-inf'))
-            weights = F.dropout(torch.softmax(scores, dim=-1), dropout, self.training)
+            weights = self.dropout(torch.softmax(scores, dim=-1))
             out = torch.einsum('bhts, bhsd -> bhtd', weights, v)
         return self.wo(rearrange(out, 'b h t d -> b t (h d)'))
 
