@@ -72,7 +72,7 @@ class KVCache(nn.Module):
         end = start_pos + k.shape[2]
         self.k[:, :, start_pos:end] = k
         self.v[:, :, start_pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]  # (b, h, s, k): all positions up to now
+        return self.k[:, :, :end], self.v[:, :, :end]  # (b, h, s, d): all positions up to now
 
 
 class Attention(nn.Module):
@@ -86,27 +86,27 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.d_model, cfg.d_model)
-        self.dropout = cfg.dropout
+        self.dropout = nn.Dropout(cfg.dropout)  # on the attention weights
         self.flash = cfg.flash
         self.cache = None  # a KVCache while generating, see Transformer.setup_cache
 
-    def forward(self, x, mask, start_pos=None):
-        q = rearrange(self.wq(x), 'b t (h k) -> b h t k', h=self.n_heads)
-        k = rearrange(self.wk(x), 'b s (h k) -> b h s k', h=self.n_heads)
-        v = rearrange(self.wv(x), 'b s (h k) -> b h s k', h=self.n_heads)
-        if start_pos is not None:
+    def forward(self, x, mask, start_pos=0, use_cache=False):
+        q = rearrange(self.wq(x), 'b t (h d) -> b h t d', h=self.n_heads)
+        k = rearrange(self.wk(x), 'b s (h d) -> b h s d', h=self.n_heads)
+        v = rearrange(self.wv(x), 'b s (h d) -> b h s d', h=self.n_heads)
+        if use_cache:
             k, v = self.cache.update(start_pos, k, v)
-        dropout = self.dropout if self.training else 0.0
         if self.flash:  # fused kernel, same maths; is_causal lets it skip the masked half
             causal = q.shape[2] == k.shape[2]
+            dropout_p = self.dropout.p if self.training else 0.0  # it takes the rate, not the module
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask,
-                                                 is_causal=causal, dropout_p=dropout)
+                                                 is_causal=causal, dropout_p=dropout_p)
         else:
-            scores = torch.einsum('bhtk, bhsk -> bhts', q, k) / math.sqrt(self.d_head)
+            scores = torch.einsum('bhtd, bhsd -> bhts', q, k) / math.sqrt(self.d_head)
             scores = scores.masked_fill(~mask, float('-inf'))
-            weights = F.dropout(torch.softmax(scores, dim=-1), dropout, self.training)
-            out = torch.einsum('bhts, bhsk -> bhtk', weights, v)
-        return self.wo(rearrange(out, 'b h t k -> b t (h k)'))
+            weights = self.dropout(torch.softmax(scores, dim=-1))
+            out = torch.einsum('bhts, bhsd -> bhtd', weights, v)
+        return self.wo(rearrange(out, 'b h t d -> b t (h d)'))
 
 
 class MLP(nn.Module):
@@ -132,8 +132,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask, start_pos=None):
-        x = x + self.dropout(self.attn(self.attn_norm(x), mask, start_pos))
+    def forward(self, x, mask, start_pos=0, use_cache=False):
+        x = x + self.dropout(self.attn(self.attn_norm(x), mask, start_pos, use_cache))
         x = x + self.dropout(self.mlp(self.mlp_norm(x)))
         return x
 
@@ -176,22 +176,22 @@ class Transformer(nn.Module):
             if a.cache is None or a.cache.k.shape != (batch_size, a.n_heads, max_len, a.d_head):
                 a.cache = KVCache(batch_size, max_len, a.n_heads, a.d_head, p.dtype, p.device)
 
-    def forward(self, idx, start_pos=None, last_only=False):
+    def forward(self, idx, start_pos=0, use_cache=False, last_only=False):
         """idx: (b, t) token ids -> logits (b, t, vocab_size); with last_only, of the last position only.
 
-        With start_pos (after setup_cache), idx holds the tokens at positions start_pos.. only, and the
-        keys and values of the earlier positions come from the cache.
+        idx's first token is at position start_pos. With use_cache (after setup_cache), its keys and
+        values are written into the cache there, and attention also sees the cached earlier positions.
         """
         t = idx.shape[1]
-        start = start_pos or 0
-        positions = torch.arange(start, start + t, device=idx.device)
-        x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))  # (b, t, d)
-        # mask[i, j]: query i (at position start + i) may look at key j (at position j)
-        mask = torch.ones(t, start + t, dtype=torch.bool, device=idx.device).tril(diagonal=start)
+        past = start_pos if use_cache else 0  # earlier positions whose keys come from the cache
+        positions = torch.arange(start_pos, start_pos + t, device=idx.device)
+        x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))  # (b, t, d_model)
+        # mask[i, j]: query i (idx's i-th token) may look at key j (the past cached ones, then idx's)
+        mask = torch.ones(t, past + t, dtype=torch.bool, device=idx.device).tril(diagonal=past)
         for block in self.blocks:
-            x = block(x, mask, start_pos)
+            x = block(x, mask, start_pos, use_cache)
         if last_only:
-            x = x[:, -1:]  # (b, 1, d)
+            x = x[:, -1:]  # (b, 1, d_model)
         return self.lm_head(self.final_norm(x))
 
 

@@ -78,7 +78,7 @@ class KVCache(nn.Module):
         end = start_pos + k.shape[2]
         self.k[:, :, start_pos:end] = k
         self.v[:, :, start_pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]  # (b, h, s, k): all positions up to now
+        return self.k[:, :, :end], self.v[:, :, :end]  # (b, h, s, d): all positions up to now
 
 
 def rope_frequencies(cfg, device=None):
@@ -99,7 +99,7 @@ def rope_frequencies(cfg, device=None):
 
 
 def rotate(x, cos, sin):
-    """RoPE: turn each pair of dimensions (i, i + d_head/2) of x (b, h, t, k) by its position's angle.
+    """RoPE: turn each pair of dimensions (i, i + d_head/2) of x (b, h, t, d) by its position's angle.
 
     Meta's code pairs neighbouring dimensions (2i, 2i + 1); Hugging Face permuted the rows of wq and wk
     when converting the checkpoints so that pairing the two halves gives the same result. We pair the
@@ -124,27 +124,27 @@ class Attention(nn.Module):
         self.flash = cfg.flash
         self.cache = None  # a KVCache while generating, see Transformer.setup_cache
 
-    def forward(self, x, mask, cos, sin, start_pos=None):
-        q = rearrange(self.wq(x), 'b t (h k) -> b h t k', h=self.n_heads)
-        k = rearrange(self.wk(x), 'b s (g k) -> b g s k', g=self.n_kv_heads)
-        v = rearrange(self.wv(x), 'b s (g k) -> b g s k', g=self.n_kv_heads)
+    def forward(self, x, mask, cos, sin, start_pos=0, use_cache=False):
+        q = rearrange(self.wq(x), 'b t (h d) -> b h t d', h=self.n_heads)
+        k = rearrange(self.wk(x), 'b s (g d) -> b g s d', g=self.n_kv_heads)
+        v = rearrange(self.wv(x), 'b s (g d) -> b g s d', g=self.n_kv_heads)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # keys are cached already turned
-        if start_pos is not None:
+        if use_cache:
             k, v = self.cache.update(start_pos, k, v)
         # each key/value head serves n_heads / n_kv_heads query heads (a no-op without GQA); repeating
         # after the cache keeps the cache n_heads / n_kv_heads times smaller
-        k = repeat(k, 'b g s k -> b (g r) s k', r=self.n_heads // self.n_kv_heads)
-        v = repeat(v, 'b g s k -> b (g r) s k', r=self.n_heads // self.n_kv_heads)
+        k = repeat(k, 'b g s d -> b (g r) s d', r=self.n_heads // self.n_kv_heads)
+        v = repeat(v, 'b g s d -> b (g r) s d', r=self.n_heads // self.n_kv_heads)
         if self.flash:  # fused kernel, same maths; is_causal lets it skip the masked half
             causal = q.shape[2] == k.shape[2]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask,
                                                  is_causal=causal)
         else:
-            scores = torch.einsum('bhtk, bhsk -> bhts', q, k) / math.sqrt(self.d_head)
+            scores = torch.einsum('bhtd, bhsd -> bhts', q, k) / math.sqrt(self.d_head)
             scores = scores.masked_fill(~mask, float('-inf'))
             weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # float32 softmax, for bf16
-            out = torch.einsum('bhts, bhsk -> bhtk', weights, v)
-        return self.wo(rearrange(out, 'b h t k -> b t (h k)'))
+            out = torch.einsum('bhts, bhsd -> bhtd', weights, v)
+        return self.wo(rearrange(out, 'b h t d -> b t (h d)'))
 
 
 class MLP(nn.Module):
@@ -170,8 +170,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, mask, cos, sin, start_pos=None):
-        x = x + self.attn(self.attn_norm(x), mask, cos, sin, start_pos)
+    def forward(self, x, mask, cos, sin, start_pos=0, use_cache=False):
+        x = x + self.attn(self.attn_norm(x), mask, cos, sin, start_pos, use_cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -211,26 +211,26 @@ class Transformer(nn.Module):
             if a.cache is None or a.cache.k.shape != (batch_size, a.n_kv_heads, max_len, a.d_head):
                 a.cache = KVCache(batch_size, max_len, a.n_kv_heads, a.d_head, p.dtype, p.device)
 
-    def forward(self, idx, start_pos=None, last_only=False):
+    def forward(self, idx, start_pos=0, use_cache=False, last_only=False):
         """idx: (b, t) token ids -> logits (b, t, vocab_size); with last_only, of the last position only.
 
-        With start_pos (after setup_cache), idx holds the tokens at positions start_pos.. only, and the
-        keys and values of the earlier positions come from the cache.
+        idx's first token is at position start_pos. With use_cache (after setup_cache), its keys and
+        values are written into the cache there, and attention also sees the cached earlier positions.
         """
         t = idx.shape[1]
-        start = start_pos or 0
-        positions = torch.arange(start, start + t, device=idx.device)
-        x = self.token_embedding(idx)  # (b, t, d)
+        past = start_pos if use_cache else 0  # earlier positions whose keys come from the cache
+        positions = torch.arange(start_pos, start_pos + t, device=idx.device)
+        x = self.token_embedding(idx)  # (b, t, d_model)
         # RoPE angles of these positions, once for all blocks; the two halves of a head share them
-        angles = positions[:, None].float() * rope_frequencies(self.cfg, idx.device)  # (t, k/2)
-        angles = torch.cat((angles, angles), dim=-1)  # (t, k)
+        angles = positions[:, None].float() * rope_frequencies(self.cfg, idx.device)  # (t, d/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (t, d)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        # mask[i, j]: query i (at position start + i) may look at key j (at position j)
-        mask = torch.ones(t, start + t, dtype=torch.bool, device=idx.device).tril(diagonal=start)
+        # mask[i, j]: query i (idx's i-th token) may look at key j (the past cached ones, then idx's)
+        mask = torch.ones(t, past + t, dtype=torch.bool, device=idx.device).tril(diagonal=past)
         for block in self.blocks:
-            x = block(x, mask, cos, sin, start_pos)
+            x = block(x, mask, cos, sin, start_pos, use_cache)
         if last_only:
-            x = x[:, -1:]  # (b, 1, d)
+            x = x[:, -1:]  # (b, 1, d_model)
         return self.lm_head(self.final_norm(x))
 
 
