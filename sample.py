@@ -76,7 +76,7 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0,
             if idx.shape[1] > ctx:  # the window slid: every position moved, so refill the cache
                 cached = 0
             start = max(0, idx.shape[1] - ctx)  # first token inside the window
-            logits = model(idx[:, start + cached:], start_pos=cached, last_only=True)
+            logits = model(idx[:, start + cached:], start_pos=cached, use_cache=True, last_only=True)
             cached = idx.shape[1] - start
         next_id = sample_next(logits[:, -1], temperature, top_k, top_p)  # (b,)
         if eot_id is not None:

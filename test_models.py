@@ -100,8 +100,9 @@ def test_gpt2_flash_matches_einsum():
         assert (einsum(idx) - flash(idx)).abs().max() < 1e-5
         for model in (einsum, flash):  # the cached path goes through the explicit mask
             model.setup_cache(2, 64)
-            model(idx[:, :40], start_pos=0)
-        assert (einsum(idx[:, 40:], start_pos=40) - flash(idx[:, 40:], start_pos=40)).abs().max() < 1e-5
+            model(idx[:, :40], start_pos=0, use_cache=True)
+        assert (einsum(idx[:, 40:], start_pos=40, use_cache=True)
+                - flash(idx[:, 40:], start_pos=40, use_cache=True)).abs().max() < 1e-5
 
 
 # ---- generation: KV cache, sampling, end of text
@@ -112,8 +113,8 @@ def test_cached_logits_equal_full_sequence_logits():
     with torch.no_grad():
         full = model(idx)
         model.setup_cache(3, 30)
-        steps = [model(idx[:, :12], start_pos=0)]  # prefill, then one token at a time
-        steps += [model(idx[:, i:i + 1], start_pos=i) for i in range(12, 30)]
+        steps = [model(idx[:, :12], start_pos=0, use_cache=True)]  # prefill, then one token at a time
+        steps += [model(idx[:, i:i + 1], start_pos=i, use_cache=True) for i in range(12, 30)]
     assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-4
 
 
@@ -138,10 +139,10 @@ class ScriptedModel(torch.nn.Module):
     def setup_cache(self, batch_size, max_len):
         pass
 
-    def forward(self, idx, start_pos=None, last_only=False):
+    def forward(self, idx, start_pos=0, use_cache=False, last_only=False):
         logits = torch.zeros(idx.shape[0], idx.shape[1], 10)
         for r, step in enumerate(self.eot_at):
-            new = idx.shape[1] + (start_pos or 0) - 1  # tokens generated so far (prompt: 1 token)
+            new = idx.shape[1] + start_pos - 1  # tokens generated so far (prompt: 1 token)
             logits[r, -1, self.eot_id if new >= step else r + 1] = 1.0
         return logits
 
@@ -524,7 +525,7 @@ def test_llama_kv_cache_matches_full_sequence(name, flash, tmp_path):
         pos, chunks = 0, [5, 1, 3, 1]  # a prompt, then single tokens and short chunks
         while pos < seq_len:
             step = chunks[0] if pos == 0 else chunks[1 + pos % 3]
-            cached = model(idx[:, pos:pos + step], start_pos=pos)
+            cached = model(idx[:, pos:pos + step], start_pos=pos, use_cache=True)
             assert _llama_max_diff(cached, full[:, pos:pos + step]) < 1e-4, pos
             pos += step
 
@@ -586,8 +587,8 @@ def test_llama_long_context_allocates_no_context_squared_mask():
     with torch.no_grad():
         full = model(idx)
         model.setup_cache(1, 16)
-        assert _llama_max_diff(model(idx[:, :7], start_pos=0)[:, -1], full[:, 6]) < 1e-5
-        assert _llama_max_diff(model(idx[:, 7:], start_pos=7)[:, -1], full[:, 7]) < 1e-5
+        assert _llama_max_diff(model(idx[:, :7], start_pos=0, use_cache=True)[:, -1], full[:, 6]) < 1e-5
+        assert _llama_max_diff(model(idx[:, 7:], start_pos=7, use_cache=True)[:, -1], full[:, 7]) < 1e-5
 
 
 # ---- load_hf.py: Hugging Face GPT-2 weights
@@ -1295,8 +1296,8 @@ def test_fast_cached_last_only_logits_match_full_sequence(name, flash, batch):
         assert last.shape == (batch, 1, full.shape[-1])
         assert (last[:, 0] - full[:, -1]).abs().max() < 1e-5
         model.setup_cache(batch, 16)
-        steps = [model(idx[:, :5], start_pos=0, last_only=True)]  # prefill, then token by token
-        steps += [model(idx[:, i:i + 1], start_pos=i, last_only=True) for i in range(5, 16)]
+        steps = [model(idx[:, :5], start_pos=0, use_cache=True, last_only=True)]  # prefill, then token by token
+        steps += [model(idx[:, i:i + 1], start_pos=i, use_cache=True, last_only=True) for i in range(5, 16)]
     assert (torch.cat(steps, dim=1) - full[:, 4:]).abs().max() < 1e-4
 
 
@@ -1339,8 +1340,8 @@ def test_fast_compiled_decoding_matches_eager(name):
         with torch.no_grad():
             full = model(idx)
             compiled.setup_cache(3, 16)  # the size generate used: a new size would compile again
-            prefill = compiled(idx[:, :5], start_pos=0, last_only=True)
-            step = compiled(idx[:, 5:], start_pos=5, last_only=True)
+            prefill = compiled(idx[:, :5], start_pos=0, use_cache=True, last_only=True)
+            step = compiled(idx[:, 5:], start_pos=5, use_cache=True, last_only=True)
         assert (prefill[:, 0] - full[:, 4]).abs().max() < 1e-4
         assert (step[:, 0] - full[:, 5]).abs().max() < 1e-4
     assert torch._inductor.config.freezing is False
