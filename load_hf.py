@@ -229,7 +229,7 @@ def is_hub_id(source):
 def download(repo_id):
     """The HF cache's folder for a hub model, after fetching config.json, the weights and (but for GPT-2,
     whose tokenizer is data/gpt2.tiktoken) the tokenizer into it."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # here: only a download needs it, and it is slow to import
     from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RemoteEntryNotFoundError,
                                         RepositoryNotFoundError)
     from huggingface_hub.utils import logging

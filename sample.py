@@ -144,7 +144,7 @@ def compile_for_decoding(model):
     """
     if next(model.parameters()).device.type != "cpu":
         return torch.compile(model, dynamic=True)
-    import torch._inductor.config
+    import torch._inductor.config  # here: the compiler's settings are needed only when compiling
     import torch._inductor.select_algorithm
     torch._inductor.config.freezing = True  # as an option of torch.compile it is not applied
     torch._inductor.select_algorithm.PRINT_AUTOTUNE = False  # else each tuned matmul prints a table

@@ -16,7 +16,6 @@ imports common.py (command line, tokenizers, checkpoint files), data/prepare.py 
 load_hf.py (Hugging Face weights) and sample.py (the sample printed at each evaluation).
 """
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -26,7 +25,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -84,10 +82,11 @@ KEEPS_WEIGHTS = ("dropout", "flash")  # the model keys that may change when trai
 def processes():
     """This process's place in the run: torchrun starts one process per GPU (or CPU share) and tells
     each its rank in the environment; a plain python train.py is process 0 of 1."""
-    rank = int(os.environ.get("RANK", 0))
-    return SimpleNamespace(distributed="RANK" in os.environ, rank=rank, world_size=int(os.environ.get("WORLD_SIZE", 1)),
-                           local_rank=int(os.environ.get("LOCAL_RANK", 0)),  # on this machine
-                           master=rank == 0)  # the one process that prints, plots and writes
+    env = os.environ
+    return SimpleNamespace(distributed="RANK" in env, rank=int(env.get("RANK", 0)),
+                           local_rank=int(env.get("LOCAL_RANK", 0)),  # on this machine
+                           world_size=int(env.get("WORLD_SIZE", 1)),
+                           master=int(env.get("RANK", 0)) == 0)  # the one process that prints, plots and writes
 
 
 def starting_point(cfg, model_name, ckpt_path):
@@ -329,8 +328,9 @@ def lr_at(step, total_steps, cfg):
 
 
 def plot_losses(history, path):
-    import matplotlib
-    matplotlib.use("Agg")
+    """loss.png: the loss of each step, and the train and validation loss at each evaluation."""
+    import matplotlib  # here, not at the top: it takes a second to import, and only process 0 plots
+    matplotlib.use("Agg")  # no window: the picture goes to a file
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(history["step_tokens"], history["step_loss"], alpha=0.3, label="train (each step)")
