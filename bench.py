@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 
 import gpt2
-import train
-from train import (MODELS, apply_overrides, generate, import_model, model_config,
-                   parse_args, print_help)
-from sample import compile_for_decoding
+from common import (MODELS, apply_overrides, import_model, load_tokenizer, model_config, parse_args,
+                    print_help, run)
+from data import prepare
+from sample import compile_for_decoding, generate
 
 
 @dataclass
@@ -519,47 +519,61 @@ def generated_text(path, megabytes, seed=0):
             f.write("\n".join(lines) + "\n")
 
 
+def text_pieces(path, size=1_000_000):
+    """The file's text in pieces of about size characters, each cut just after a newline.
+
+    Every line of generated_text starts with a word or a number and ends with one, and GPT-2's
+    tokenizer ends a token at such a newline and never looks across it: the pieces give exactly the
+    tokens of the whole text (bench_tokenize checks it against the token cache). In other text, two
+    newlines in a row or an indented line would make the cut change a few tokens.
+    """
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + size) + 1 or len(text)
+        yield text[start:end]
+        start = end
+
+
 def bench_tokenize(model_name):
-    """Tokenizing 100 MB of text: one thread against the parallel token cache builder of train.py.
+    """Tokenizing 100 MB of text: one thread against the parallel token cache builder (data/prepare.py).
 
     Besides MB/s, the CPU time used (this process's threads and its worker processes): on a machine
     shared with other work, workers that find no free core show it as fewer cores used, and MB per
     CPU-second says how well they use what they get. GPT-2's tokenizer whatever --model says.
     """
-    tokenizer = train.load_tokenizer("gpt2")
+    tokenizer = load_tokenizer("gpt2")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "corpus.txt")
         generated_text(path, 100)
         megabytes = os.path.getsize(path) / 1e6
 
-        def pieces():
-            bounds = train.piece_bounds(path)
-            return (train.read_piece(path, start, end) for start, end in zip(bounds, bounds[1:]))
-
         def one_thread():  # the loop a user would write: encode each piece in turn
-            return sum(len(tokenizer.encode(piece)) for piece in pieces())
+            return sum(len(tokenizer.encode(piece)) for piece in text_pieces(path))
 
         def encode_batch():  # tiktoken's batch encoder (threads, Python lists), turned into uint16 arrays
             n = 0
-            all_pieces = pieces()
+            all_pieces = text_pieces(path)
             while batch := list(itertools.islice(all_pieces, 4 * os.cpu_count())):
                 for ids in tokenizer.enc.encode_batch(batch, num_threads=os.cpu_count(),
                                                       allowed_special={"<|endoftext|>"}):
                     n += len(np.array(ids, dtype=np.uint16))
             return n
 
-        def cache():  # train.py: read, encode in worker processes, write the uint16 cache, fsync
-            for stale in (".gpt2.bin", ".gpt2.bin.json"):
-                if os.path.exists(path + stale):
-                    os.remove(path + stale)
-            train.tokenize_corpus(path, tokenizer)
-            return os.path.getsize(path + ".gpt2.bin") // 2
+        def cache():  # what train.py calls: read, encode in worker processes, write the uint16 cache, fsync
+            cache_path, dtype = prepare.token_cache(path, tokenizer)
+            for stale in (cache_path, cache_path + ".json"):
+                if os.path.exists(stale):
+                    os.remove(stale)
+            prepare.tokenize_corpus(path, tokenizer)
+            return os.path.getsize(cache_path) // np.dtype(dtype).itemsize
 
         base, n_tokens = None, set()
         for name, fn in (("single-threaded encode loop over the pieces", one_thread),
                          (f"tiktoken encode_batch, {os.cpu_count()} threads, lists -> uint16", encode_batch),
-                         (f"train.py token cache, {os.cpu_count()} worker processes", cache)):
+                         (f"data/prepare.py token cache, {os.cpu_count()} worker processes", cache)):
             t0, cpu0 = time.perf_counter(), sum(os.times()[:4])  # user and system, self and children
             n_tokens.add(fn())
             seconds, cpu = time.perf_counter() - t0, sum(os.times()[:4]) - cpu0
@@ -567,7 +581,7 @@ def bench_tokenize(model_name):
             print(f"({name}: {megabytes / seconds:.1f} MB/s)", flush=True)
             rows.append([name, f"{megabytes / seconds:.1f}", f"{megabytes / seconds / base:.2f}x",
                          f"{cpu / seconds:.2f}", f"{megabytes / cpu:.1f}"])
-        assert len(n_tokens) == 1, "the three ways gave different numbers of tokens"
+        assert len(n_tokens) == 1, f"the three ways gave different numbers of tokens: {n_tokens}"
     TABLES.append(lambda: table(
         f"tokenize: {megabytes:.0f} MB of generated text, GPT-2 BPE (tiktoken), {os.cpu_count()} CPU cores",
         ["how", "MB/s", "vs one thread", "cores used", "MB per CPU-s"], rows))
@@ -647,4 +661,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    train.run(main, "bench.py")
+    run(main, "bench.py")
