@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 import gpt2
-from common import (MODELS, apply_overrides, import_model, load_tokenizer, model_config, parse_args,
-                    print_help, run)
+from common import (MODELS, UserError, apply_overrides, import_model, load_tokenizer, model_config,
+                    parse_args, pick_dtype, print_help, run)
 from data import prepare
 from sample import compile_for_decoding, generate
 
@@ -47,9 +47,32 @@ class BenchConfig:
     steps: int = 3               # train: timed steps per row, after one warmup step
     compile: bool = True         # decode: also with torch.compile, as sample.py compile=true
     compile_train: bool = False  # train: also ours with torch.compile (minutes of compiling)
+    bf16: str = "auto"           # bfloat16 rows (matmul peak, train): auto = where dtype=auto picks
+                                 #   bfloat16 (AVX-512 BF16 or AMX, recent GPUs); true; false
 
 
 SETTINGS = BenchConfig()
+
+
+def dtypes():
+    """The dtypes measured: float32, and bfloat16 where it is fast (bf16=auto) or asked for.
+
+    A CPU without AVX-512 BF16 or AMX emulates bfloat16: there one 2048^3 matmul takes minutes, and
+    a run that samples the matmul peak again and again printed nothing for half an hour.
+    """
+    fast = pick_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    bf16 = {"auto": fast, "true": True, "false": False}[SETTINGS.bf16]
+    return (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
+
+
+def bf16_note():
+    """Why the bfloat16 rows are missing, for the tables that would have had them; "" if they are not."""
+    if torch.bfloat16 in dtypes():
+        return ""
+    if SETTINGS.bf16 == "false":
+        return "bfloat16 rows skipped (bf16=false)."
+    return ("bfloat16 rows skipped: this CPU has no fast bfloat16 (AVX-512 BF16 or AMX), dtype=auto trains "
+            "in float32 here; bf16=true measures them anyway (slowly).")
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -116,12 +139,14 @@ def matmul_flops_per_token(model, seq_len):
     return 2 * linear + 4 * cfg.n_layers * seq_len * cfg.d_model  # attention over seq_len keys
 
 
-def table(title, header, rows):
+def table(title, header, rows, note=""):
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     print(f"\n## {title}\n")
     for r in [header, ["-" * w for w in widths]] + rows:
         print("| " + " | ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
                                 for i, (c, w) in enumerate(zip(r, widths))) + " |")
+    if note:
+        print(f"\n{note}")
     sys.stdout.flush()
 
 
@@ -205,7 +230,7 @@ class Machine:
 
     read_gbs:  memory read bandwidth, summing a 1 GiB float32 tensor (far bigger than the caches)
     gemv_gbs:  the same 1 GiB as a matrix times a vector through F.linear: eager decoding's pattern
-    peak_float32, peak_bfloat16: 2048 x 2048 x 2048 matmul GFLOP/s
+    peak_float32, peak_bfloat16: 2048 x 2048 x 2048 matmul GFLOP/s (bfloat16: see dtypes)
     """
 
     def __init__(self):
@@ -225,7 +250,7 @@ class Machine:
             keep("gemv_gbs", w.nbytes / best_time(lambda: F.linear(v, w), 5) / 1e9)
             x = w = None  # free the 1 GiB before the matmuls
             n = 2048
-            for dtype in (torch.float32, torch.bfloat16):
+            for dtype in dtypes():
                 a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
                 a @ b
                 keep(f"peak_{str(dtype)[6:]}", 2 * n**3 / best_time(lambda: a @ b, 5) / 1e9)
@@ -238,13 +263,12 @@ class Machine:
     def report(self):
         cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                     if line.startswith("model name")), "?")
+        rows = [["read: sum of a 1 GiB float32 tensor", f"{self['read_gbs']:.1f} GB/s"],
+                ["read: 1 GiB float32 matrix x vector (F.linear)", f"{self['gemv_gbs']:.1f} GB/s"]]
+        rows += [[f"matmul peak, {str(dt)[6:]} (2048 x 2048 x 2048)", f"{self['peak_' + str(dt)[6:]]:.0f} GFLOP/s"]
+                 for dt in dtypes()]
         table(f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-              f"best of {self.samples} samples taken during the run",
-              ["what", "measured"],
-              [["read: sum of a 1 GiB float32 tensor", f"{self['read_gbs']:.1f} GB/s"],
-               ["read: 1 GiB float32 matrix x vector (F.linear)", f"{self['gemv_gbs']:.1f} GB/s"],
-               ["matmul peak, float32 (2048 x 2048 x 2048)", f"{self['peak_float32']:.0f} GFLOP/s"],
-               ["matmul peak, bfloat16 (2048 x 2048 x 2048)", f"{self['peak_bfloat16']:.0f} GFLOP/s"]])
+              f"best of {self.samples} samples taken during the run", ["what", "measured"], rows, bf16_note())
 
 
 MACHINE = Machine()
@@ -252,6 +276,7 @@ TABLES = []  # functions that print a section's table, called at the end against
 
 
 def bench_machine(model_name):
+    """The machine alone: memory read bandwidth and matmul peak, three samples (more come with the others)."""
     for _ in range(3):
         MACHINE.sample()
 
@@ -372,7 +397,7 @@ def bench_train(model_name):
     if SETTINGS.compile_train:
         names.append("ours, flash=True, torch.compile")
     results = []  # (name, dtype, seconds per step, FLOPs per step, peak MiB)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes():
         steppers, memory = {}, {}
         for name in names:  # build each, and take one step: warmup, and the memory it needs
             with PeakMemory() as mem:
@@ -401,7 +426,7 @@ def bench_train(model_name):
                                        "MFU (of measured peak)", "peak MiB"],
               [[name, dt, f"{b * t / s:.0f}", f"{hf[dt] / s:.2f}x", f"{flops / s / 1e9:.0f}",
                 f"{flops / s / 1e9 / MACHINE['peak_' + dt]:.0%}", f"{mib:.0f}"]
-               for name, dt, s, flops, mib in results])
+               for name, dt, s, flops, mib in results], bf16_note())
     TABLES.append(report)
 
 
@@ -647,6 +672,8 @@ def main(argv):
     if want_help:
         print_help(__doc__, [("keys", SETTINGS)])
         return
+    if SETTINGS.bf16 not in ("auto", "true", "false"):
+        raise UserError(f"bf16={SETTINGS.bf16}: expected auto, true or false")
     model_name = model_name or "gpt2"
     print(f"bench.py: {model_name}, {torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.1f}", flush=True)
