@@ -75,6 +75,11 @@ def bf16_note():
             "in float32 here; bf16=true measures them anyway (slowly).")
 
 
+def progress(section, what):
+    """One line on stderr as a step starts, so that a long run shows what it is doing."""
+    print(f"[{section}] {what} ...", file=sys.stderr, flush=True)
+
+
 # ----------------------------------------------------------------------------- measuring
 
 def best_time(fn, repeats):
@@ -238,6 +243,9 @@ class Machine:
         self.samples = 0
 
     def sample(self):
+        progress("machine", f"sample {self.samples + 1}: read bandwidth, matmul peak "
+                            f"({', '.join(str(dt)[6:] for dt in dtypes())})")
+
         def keep(key, value):
             self.best[key] = max(self.best.get(key, 0.0), value)
 
@@ -313,18 +321,21 @@ def bench_decode(model_name):
     rows[f"ours, KV cache, batch {k}"] = (k, run_ours(ours, k))
     if SETTINGS.compile:
         rows[f"ours, KV cache, compile=true, batch {k}"] = (k, run_ours(compiled_copy(), k))
+    what = lambda name, b: f"{name.replace(f', batch {k}', '')}, batch {b}, float32, {n} tokens"
     seconds, memory, ids = {}, {}, {}
     with torch.no_grad():
         for name, (b, run) in rows.items():  # the first run: warmup (and compiling), memory, token ids
+            progress("decode", f"{what(name, b)}, first run" + (" (compiling: minutes)" if "compile" in name else ""))
             t0 = time.perf_counter()
             with PeakMemory() as mem:
                 ids[name] = run()
             memory[name], seconds[name] = mem.mib, time.perf_counter() - t0
             if "compile" in name:
                 print(f"({name}: first run, compiling included, {seconds[name]:.0f} s)", flush=True)
-        for _ in range(repeats):  # then in turns, so that a busy moment of the machine hits them all
+        for i in range(repeats):  # then in turns, so that a busy moment of the machine hits them all
             for name, (b, run) in rows.items():
                 if "no cache" not in name:  # slow, and timed once above already
+                    progress("decode", f"{what(name, b)}, timed run {i + 1} of {repeats}")
                     seconds[name] = min(seconds[name], best_time(run, 1))
             MACHINE.sample()
     for name, (b, run) in rows.items():
@@ -369,10 +380,12 @@ def bench_prefill(model_name):
     seconds, memory = {}, {}
     with torch.no_grad():
         for name, run in rows.items():
+            progress("prefill", f"{name}, float32, {t} tokens, first run")
             with PeakMemory() as mem:
                 run()
             memory[name] = mem.mib
-        for _ in range(repeats):
+        for i in range(repeats):
+            progress("prefill", f"every row, timed run {i + 1} of {repeats}")
             for name, run in rows.items():
                 seconds[name] = min(seconds.get(name, float("inf")), best_time(run, 1))
             MACHINE.sample()
@@ -400,6 +413,8 @@ def bench_train(model_name):
     for dtype in dtypes():
         steppers, memory = {}, {}
         for name in names:  # build each, and take one step: warmup, and the memory it needs
+            progress("train", f"{name}, {str(dtype)[6:]}, batch {b} x {t}, warmup step"
+                              + (" (compiling: minutes)" if "compile" in name else ""))
             with PeakMemory() as mem:
                 ours = build_ours(model_name)
                 t = min(t, ours.cfg.context_length)
@@ -410,8 +425,9 @@ def bench_train(model_name):
                 steppers[name]()
             memory[name] = mem.mib
         seconds = {name: float("inf") for name in names}
-        for _ in range(steps):  # in turns, so that a busy moment of the machine hits them all
+        for i in range(steps):  # in turns, so that a busy moment of the machine hits them all
             for name, step in steppers.items():
+                progress("train", f"{name}, {str(dtype)[6:]}, timed step {i + 1} of {steps}")
                 seconds[name] = min(seconds[name], best_time(step, 1))
             MACHINE.sample()
         for name in names:
@@ -498,6 +514,7 @@ def bench_load(model_name):
     logging.disable_progress_bar()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
+        progress("load", "saving a 124M GPT2LMHeadModel with save_pretrained")
         GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
         weights_mib = 124_439_808 * 4 / 2**20
         with open(os.path.join(folder, "model.safetensors"), "rb") as f:
@@ -506,7 +523,8 @@ def bench_load(model_name):
         for name, loader in (("transformers GPT2LMHeadModel.from_pretrained", "transformers"),
                              ("ours, load_hf.load", "ours")):
             runs = []
-            for _ in range(SETTINGS.repeats):
+            for i in range(SETTINGS.repeats):
+                progress("load", f"{name}, fresh process {i + 1} of {SETTINGS.repeats}")
                 code = f"import bench; bench.load_child({loader!r}, {folder!r})"
                 child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                        cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -572,6 +590,7 @@ def bench_tokenize(model_name):
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "corpus.txt")
+        progress("tokenize", "writing 100 MB of generated text")
         generated_text(path, 100)
         megabytes = os.path.getsize(path) / 1e6
 
@@ -599,6 +618,7 @@ def bench_tokenize(model_name):
         for name, fn in (("single-threaded encode loop over the pieces", one_thread),
                          (f"tiktoken encode_batch, {os.cpu_count()} threads, lists -> uint16", encode_batch),
                          (f"data/prepare.py token cache, {os.cpu_count()} worker processes", cache)):
+            progress("tokenize", name)
             t0, cpu0 = time.perf_counter(), sum(os.times()[:4])  # user and system, self and children
             n_tokens.add(fn())
             seconds, cpu = time.perf_counter() - t0, sum(os.times()[:4]) - cpu0
@@ -639,6 +659,7 @@ def bench_ddp(model_name):
                 ("1 process, 2 threads, grad_accum=2", 2, [sys.executable], ["grad_accum=2"], "2")):
             cpu = []
             for steps in (short, short + extra):
+                progress("ddp", f"{name}, train.py max_iters={steps}")
                 out = os.path.join(folder, f"out-{len(cpu)}")
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 result = subprocess.run([*launch, *args, *extra_args, f"max_iters={steps}", f"out_dir={out}"],
@@ -678,6 +699,7 @@ def main(argv):
     print(f"bench.py: {model_name}, {torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.1f}", flush=True)
     for name in names or SECTIONS:
+        progress(name, SECTIONS[name].__doc__.split("\n")[0].rstrip("."))
         SECTIONS[name](model_name)
     if MACHINE.samples:  # the sections that compare with the machine took samples
         MACHINE.report()
