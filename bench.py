@@ -48,7 +48,7 @@ class BenchConfig:
     compile: bool = True         # decode: also with torch.compile, as sample.py compile=true
     compile_train: bool = False  # train: also ours with torch.compile (minutes of compiling)
     bf16: str = "auto"           # bfloat16 rows (matmul peak, train): auto = where dtype=auto picks
-                                 #   bfloat16 (AVX-512 BF16 or AMX, recent GPUs); true; false
+                                 #   bfloat16 (CPUs with AVX-512 BF16 or AMX); true; false
 
 
 SETTINGS = BenchConfig()
