@@ -4,7 +4,11 @@
     python bench.py decode prefill                   # some sections: machine decode prefill train
                                                      #   load tokenize ddp
     python bench.py --model llama3 config=toy        # Llama 3 (toy preset) against LlamaForCausalLM
-    python bench.py train steps=5 compile=false      # settings: key=value; --help lists them
+    python bench.py decode compile=true              # settings: key=value; --help lists them
+
+The defaults keep a run of every section under about 15 minutes on a 2-core CPU that computes in
+float32 only: 128 new tokens in decode, and without its torch.compile rows (compile=true adds them,
+a few minutes of compiling each on such a CPU); the bfloat16 rows only where bfloat16 is fast (bf16=).
 
 Machines are shared and noisy: every figure is the best of several runs taken in turns, and the
 ratios within one run mean more than the absolute numbers. The `machine` section measures what the
@@ -39,13 +43,13 @@ class BenchConfig:
     config: str = ""             # model preset; "" = gpt2 (124M) for GPT-2, toy for Llama
     repeats: int = 3             # timed runs of each row, taken in turns; the fastest counts
     prompt_len: int = 8          # decode: prompt tokens
-    new_tokens: int = 256        # decode: tokens generated per run
+    new_tokens: int = 128        # decode: tokens generated per run
     num_samples: int = 8         # decode: rows of the batched runs
     prefill_len: int = 512       # prefill: prompt tokens
     batch_size: int = 4          # train
     seq_len: int = 256           # train
     steps: int = 3               # train: timed steps per row, after one warmup step
-    compile: bool = True         # decode: also with torch.compile, as sample.py compile=true
+    compile: bool = False        # decode: also with torch.compile, as sample.py compile=true (minutes)
     compile_train: bool = False  # train: also ours with torch.compile (minutes of compiling)
     bf16: str = "auto"           # bfloat16 rows (matmul peak, train): auto = where dtype=auto picks
                                  #   bfloat16 (CPUs with AVX-512 BF16 or AMX); true; false
