@@ -31,9 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import common
 import gpt2
 from common import (MODELS, UserError, apply_overrides, import_model, load_tokenizer, model_config,
-                    parse_args, pick_dtype, print_help, run)
+                    parse_args, pick_dtype, print_help)
 from data import prepare
 from sample import compile_for_decoding, generate
 
@@ -714,4 +715,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    run(main, "bench.py")
+    common.run(main, "bench.py")
