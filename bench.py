@@ -4,7 +4,11 @@
     python bench.py decode prefill                   # some sections: machine decode prefill train
                                                      #   load tokenize ddp
     python bench.py --model llama3 config=toy        # Llama 3 (toy preset) against LlamaForCausalLM
-    python bench.py train steps=5 compile=false      # settings: key=value; --help lists them
+    python bench.py decode compile=true              # settings: key=value; --help lists them
+
+The defaults keep a run of every section under about 15 minutes on a 2-core CPU that computes in
+float32 only: 128 new tokens in decode, and without its torch.compile rows (compile=true adds them,
+a few minutes of compiling each on such a CPU); the bfloat16 rows only where bfloat16 is fast (bf16=).
 
 Machines are shared and noisy: every figure is the best of several runs taken in turns, and the
 ratios within one run mean more than the absolute numbers. The `machine` section measures what the
@@ -27,11 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import common
 import gpt2
-import train
-from train import (MODELS, apply_overrides, generate, import_model, model_config,
-                   parse_args, print_help)
-from sample import compile_for_decoding
+from common import (MODELS, UserError, apply_overrides, import_model, load_tokenizer, model_config,
+                    parse_args, pick_dtype, print_help)
+from data import prepare
+from sample import compile_for_decoding, generate
 
 
 @dataclass
@@ -39,17 +44,45 @@ class BenchConfig:
     config: str = ""             # model preset; "" = gpt2 (124M) for GPT-2, toy for Llama
     repeats: int = 3             # timed runs of each row, taken in turns; the fastest counts
     prompt_len: int = 8          # decode: prompt tokens
-    new_tokens: int = 256        # decode: tokens generated per run
+    new_tokens: int = 128        # decode: tokens generated per run
     num_samples: int = 8         # decode: rows of the batched runs
     prefill_len: int = 512       # prefill: prompt tokens
     batch_size: int = 4          # train
     seq_len: int = 256           # train
     steps: int = 3               # train: timed steps per row, after one warmup step
-    compile: bool = True         # decode: also with torch.compile, as sample.py compile=true
+    compile: bool = False        # decode: also with torch.compile, as sample.py compile=true (minutes)
     compile_train: bool = False  # train: also ours with torch.compile (minutes of compiling)
+    bf16: str = "auto"           # bfloat16 rows (matmul peak, train): auto = where dtype=auto picks
+                                 #   bfloat16 (CPUs with AVX-512 BF16 or AMX); true; false
 
 
 SETTINGS = BenchConfig()
+
+
+def dtypes():
+    """The dtypes measured: float32, and bfloat16 where it is fast (bf16=auto) or asked for.
+
+    A CPU without AVX-512 BF16 or AMX emulates bfloat16: there one 2048^3 matmul takes minutes, and
+    a run that samples the matmul peak again and again printed nothing for half an hour.
+    """
+    fast = pick_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    bf16 = {"auto": fast, "true": True, "false": False}[SETTINGS.bf16]
+    return (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
+
+
+def bf16_note():
+    """Why the bfloat16 rows are missing, for the tables that would have had them; "" if they are not."""
+    if torch.bfloat16 in dtypes():
+        return ""
+    if SETTINGS.bf16 == "false":
+        return "bfloat16 rows skipped (bf16=false)."
+    return ("bfloat16 rows skipped: this CPU has no fast bfloat16 (AVX-512 BF16 or AMX), dtype=auto trains "
+            "in float32 here; bf16=true measures them anyway (slowly).")
+
+
+def progress(section, what):
+    """One line on stderr as a step starts, so that a long run shows what it is doing."""
+    print(f"[{section}] {what} ...", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -116,12 +149,14 @@ def matmul_flops_per_token(model, seq_len):
     return 2 * linear + 4 * cfg.n_layers * seq_len * cfg.d_model  # attention over seq_len keys
 
 
-def table(title, header, rows):
+def table(title, header, rows, note=""):
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     print(f"\n## {title}\n")
     for r in [header, ["-" * w for w in widths]] + rows:
         print("| " + " | ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
                                 for i, (c, w) in enumerate(zip(r, widths))) + " |")
+    if note:
+        print(f"\n{note}")
     sys.stdout.flush()
 
 
@@ -205,7 +240,7 @@ class Machine:
 
     read_gbs:  memory read bandwidth, summing a 1 GiB float32 tensor (far bigger than the caches)
     gemv_gbs:  the same 1 GiB as a matrix times a vector through F.linear: eager decoding's pattern
-    peak_float32, peak_bfloat16: 2048 x 2048 x 2048 matmul GFLOP/s
+    peak_float32, peak_bfloat16: 2048 x 2048 x 2048 matmul GFLOP/s (bfloat16: see dtypes)
     """
 
     def __init__(self):
@@ -213,6 +248,9 @@ class Machine:
         self.samples = 0
 
     def sample(self):
+        progress("machine", f"sample {self.samples + 1}: read bandwidth, matmul peak "
+                            f"({', '.join(str(dt)[6:] for dt in dtypes())})")
+
         def keep(key, value):
             self.best[key] = max(self.best.get(key, 0.0), value)
 
@@ -225,7 +263,7 @@ class Machine:
             keep("gemv_gbs", w.nbytes / best_time(lambda: F.linear(v, w), 5) / 1e9)
             x = w = None  # free the 1 GiB before the matmuls
             n = 2048
-            for dtype in (torch.float32, torch.bfloat16):
+            for dtype in dtypes():
                 a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
                 a @ b
                 keep(f"peak_{str(dtype)[6:]}", 2 * n**3 / best_time(lambda: a @ b, 5) / 1e9)
@@ -238,13 +276,12 @@ class Machine:
     def report(self):
         cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                     if line.startswith("model name")), "?")
+        rows = [["read: sum of a 1 GiB float32 tensor", f"{self['read_gbs']:.1f} GB/s"],
+                ["read: 1 GiB float32 matrix x vector (F.linear)", f"{self['gemv_gbs']:.1f} GB/s"]]
+        rows += [[f"matmul peak, {str(dt)[6:]} (2048 x 2048 x 2048)", f"{self['peak_' + str(dt)[6:]]:.0f} GFLOP/s"]
+                 for dt in dtypes()]
         table(f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-              f"best of {self.samples} samples taken during the run",
-              ["what", "measured"],
-              [["read: sum of a 1 GiB float32 tensor", f"{self['read_gbs']:.1f} GB/s"],
-               ["read: 1 GiB float32 matrix x vector (F.linear)", f"{self['gemv_gbs']:.1f} GB/s"],
-               ["matmul peak, float32 (2048 x 2048 x 2048)", f"{self['peak_float32']:.0f} GFLOP/s"],
-               ["matmul peak, bfloat16 (2048 x 2048 x 2048)", f"{self['peak_bfloat16']:.0f} GFLOP/s"]])
+              f"best of {self.samples} samples taken during the run", ["what", "measured"], rows, bf16_note())
 
 
 MACHINE = Machine()
@@ -252,6 +289,7 @@ TABLES = []  # functions that print a section's table, called at the end against
 
 
 def bench_machine(model_name):
+    """The machine alone: memory read bandwidth and matmul peak, three samples (more come with the others)."""
     for _ in range(3):
         MACHINE.sample()
 
@@ -288,18 +326,21 @@ def bench_decode(model_name):
     rows[f"ours, KV cache, batch {k}"] = (k, run_ours(ours, k))
     if SETTINGS.compile:
         rows[f"ours, KV cache, compile=true, batch {k}"] = (k, run_ours(compiled_copy(), k))
+    what = lambda name, b: f"{name.replace(f', batch {k}', '')}, batch {b}, float32, {n} tokens"
     seconds, memory, ids = {}, {}, {}
     with torch.no_grad():
         for name, (b, run) in rows.items():  # the first run: warmup (and compiling), memory, token ids
+            progress("decode", f"{what(name, b)}, first run" + (" (compiling: minutes)" if "compile" in name else ""))
             t0 = time.perf_counter()
             with PeakMemory() as mem:
                 ids[name] = run()
             memory[name], seconds[name] = mem.mib, time.perf_counter() - t0
             if "compile" in name:
                 print(f"({name}: first run, compiling included, {seconds[name]:.0f} s)", flush=True)
-        for _ in range(repeats):  # then in turns, so that a busy moment of the machine hits them all
+        for i in range(repeats):  # then in turns, so that a busy moment of the machine hits them all
             for name, (b, run) in rows.items():
                 if "no cache" not in name:  # slow, and timed once above already
+                    progress("decode", f"{what(name, b)}, timed run {i + 1} of {repeats}")
                     seconds[name] = min(seconds[name], best_time(run, 1))
             MACHINE.sample()
     for name, (b, run) in rows.items():
@@ -344,10 +385,12 @@ def bench_prefill(model_name):
     seconds, memory = {}, {}
     with torch.no_grad():
         for name, run in rows.items():
+            progress("prefill", f"{name}, float32, {t} tokens, first run")
             with PeakMemory() as mem:
                 run()
             memory[name] = mem.mib
-        for _ in range(repeats):
+        for i in range(repeats):
+            progress("prefill", f"every row, timed run {i + 1} of {repeats}")
             for name, run in rows.items():
                 seconds[name] = min(seconds.get(name, float("inf")), best_time(run, 1))
             MACHINE.sample()
@@ -372,9 +415,11 @@ def bench_train(model_name):
     if SETTINGS.compile_train:
         names.append("ours, flash=True, torch.compile")
     results = []  # (name, dtype, seconds per step, FLOPs per step, peak MiB)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes():
         steppers, memory = {}, {}
         for name in names:  # build each, and take one step: warmup, and the memory it needs
+            progress("train", f"{name}, {str(dtype)[6:]}, batch {b} x {t}, warmup step"
+                              + (" (compiling: minutes)" if "compile" in name else ""))
             with PeakMemory() as mem:
                 ours = build_ours(model_name)
                 t = min(t, ours.cfg.context_length)
@@ -385,8 +430,9 @@ def bench_train(model_name):
                 steppers[name]()
             memory[name] = mem.mib
         seconds = {name: float("inf") for name in names}
-        for _ in range(steps):  # in turns, so that a busy moment of the machine hits them all
+        for i in range(steps):  # in turns, so that a busy moment of the machine hits them all
             for name, step in steppers.items():
+                progress("train", f"{name}, {str(dtype)[6:]}, timed step {i + 1} of {steps}")
                 seconds[name] = min(seconds[name], best_time(step, 1))
             MACHINE.sample()
         for name in names:
@@ -401,7 +447,7 @@ def bench_train(model_name):
                                        "MFU (of measured peak)", "peak MiB"],
               [[name, dt, f"{b * t / s:.0f}", f"{hf[dt] / s:.2f}x", f"{flops / s / 1e9:.0f}",
                 f"{flops / s / 1e9 / MACHINE['peak_' + dt]:.0%}", f"{mib:.0f}"]
-               for name, dt, s, flops, mib in results])
+               for name, dt, s, flops, mib in results], bf16_note())
     TABLES.append(report)
 
 
@@ -473,6 +519,7 @@ def bench_load(model_name):
     logging.disable_progress_bar()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
+        progress("load", "saving a 124M GPT2LMHeadModel with save_pretrained")
         GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
         weights_mib = 124_439_808 * 4 / 2**20
         with open(os.path.join(folder, "model.safetensors"), "rb") as f:
@@ -481,7 +528,8 @@ def bench_load(model_name):
         for name, loader in (("transformers GPT2LMHeadModel.from_pretrained", "transformers"),
                              ("ours, load_hf.load", "ours")):
             runs = []
-            for _ in range(SETTINGS.repeats):
+            for i in range(SETTINGS.repeats):
+                progress("load", f"{name}, fresh process {i + 1} of {SETTINGS.repeats}")
                 code = f"import bench; bench.load_child({loader!r}, {folder!r})"
                 child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                        cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -519,47 +567,63 @@ def generated_text(path, megabytes, seed=0):
             f.write("\n".join(lines) + "\n")
 
 
+def text_pieces(path, size=1_000_000):
+    """The file's text in pieces of about size characters, each cut just after a newline.
+
+    Every line of generated_text starts with a word or a number and ends with one, and GPT-2's
+    tokenizer ends a token at such a newline and never looks across it: the pieces give exactly the
+    tokens of the whole text (bench_tokenize checks it against the token cache). In other text, two
+    newlines in a row or an indented line would make the cut change a few tokens.
+    """
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + size) + 1 or len(text)
+        yield text[start:end]
+        start = end
+
+
 def bench_tokenize(model_name):
-    """Tokenizing 100 MB of text: one thread against the parallel token cache builder of train.py.
+    """Tokenizing 100 MB of text: one thread against the parallel token cache builder (data/prepare.py).
 
     Besides MB/s, the CPU time used (this process's threads and its worker processes): on a machine
     shared with other work, workers that find no free core show it as fewer cores used, and MB per
     CPU-second says how well they use what they get. GPT-2's tokenizer whatever --model says.
     """
-    tokenizer = train.load_tokenizer("gpt2")
+    tokenizer = load_tokenizer("gpt2")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "corpus.txt")
+        progress("tokenize", "writing 100 MB of generated text")
         generated_text(path, 100)
         megabytes = os.path.getsize(path) / 1e6
 
-        def pieces():
-            bounds = train.piece_bounds(path)
-            return (train.read_piece(path, start, end) for start, end in zip(bounds, bounds[1:]))
-
         def one_thread():  # the loop a user would write: encode each piece in turn
-            return sum(len(tokenizer.encode(piece)) for piece in pieces())
+            return sum(len(tokenizer.encode(piece)) for piece in text_pieces(path))
 
         def encode_batch():  # tiktoken's batch encoder (threads, Python lists), turned into uint16 arrays
             n = 0
-            all_pieces = pieces()
+            all_pieces = text_pieces(path)
             while batch := list(itertools.islice(all_pieces, 4 * os.cpu_count())):
                 for ids in tokenizer.enc.encode_batch(batch, num_threads=os.cpu_count(),
                                                       allowed_special={"<|endoftext|>"}):
                     n += len(np.array(ids, dtype=np.uint16))
             return n
 
-        def cache():  # train.py: read, encode in worker processes, write the uint16 cache, fsync
-            for stale in (".gpt2.bin", ".gpt2.bin.json"):
-                if os.path.exists(path + stale):
-                    os.remove(path + stale)
-            train.tokenize_corpus(path, tokenizer)
-            return os.path.getsize(path + ".gpt2.bin") // 2
+        def cache():  # what train.py calls: read, encode in worker processes, write the uint16 cache, fsync
+            cache_path, dtype = prepare.token_cache(path, tokenizer)
+            for stale in (cache_path, cache_path + ".json"):
+                if os.path.exists(stale):
+                    os.remove(stale)
+            prepare.tokenize_corpus(path, tokenizer)
+            return os.path.getsize(cache_path) // np.dtype(dtype).itemsize
 
         base, n_tokens = None, set()
         for name, fn in (("single-threaded encode loop over the pieces", one_thread),
                          (f"tiktoken encode_batch, {os.cpu_count()} threads, lists -> uint16", encode_batch),
-                         (f"train.py token cache, {os.cpu_count()} worker processes", cache)):
+                         (f"data/prepare.py token cache, {os.cpu_count()} worker processes", cache)):
+            progress("tokenize", name)
             t0, cpu0 = time.perf_counter(), sum(os.times()[:4])  # user and system, self and children
             n_tokens.add(fn())
             seconds, cpu = time.perf_counter() - t0, sum(os.times()[:4]) - cpu0
@@ -567,7 +631,7 @@ def bench_tokenize(model_name):
             print(f"({name}: {megabytes / seconds:.1f} MB/s)", flush=True)
             rows.append([name, f"{megabytes / seconds:.1f}", f"{megabytes / seconds / base:.2f}x",
                          f"{cpu / seconds:.2f}", f"{megabytes / cpu:.1f}"])
-        assert len(n_tokens) == 1, "the three ways gave different numbers of tokens"
+        assert len(n_tokens) == 1, f"the three ways gave different numbers of tokens: {n_tokens}"
     TABLES.append(lambda: table(
         f"tokenize: {megabytes:.0f} MB of generated text, GPT-2 BPE (tiktoken), {os.cpu_count()} CPU cores",
         ["how", "MB/s", "vs one thread", "cores used", "MB per CPU-s"], rows))
@@ -600,6 +664,7 @@ def bench_ddp(model_name):
                 ("1 process, 2 threads, grad_accum=2", 2, [sys.executable], ["grad_accum=2"], "2")):
             cpu = []
             for steps in (short, short + extra):
+                progress("ddp", f"{name}, train.py max_iters={steps}")
                 out = os.path.join(folder, f"out-{len(cpu)}")
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 result = subprocess.run([*launch, *args, *extra_args, f"max_iters={steps}", f"out_dir={out}"],
@@ -633,10 +698,13 @@ def main(argv):
     if want_help:
         print_help(__doc__, [("keys", SETTINGS)])
         return
+    if SETTINGS.bf16 not in ("auto", "true", "false"):
+        raise UserError(f"bf16={SETTINGS.bf16}: expected auto, true or false")
     model_name = model_name or "gpt2"
     print(f"bench.py: {model_name}, {torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.1f}", flush=True)
     for name in names or SECTIONS:
+        progress(name, SECTIONS[name].__doc__.split("\n")[0].rstrip("."))
         SECTIONS[name](model_name)
     if MACHINE.samples:  # the sections that compare with the machine took samples
         MACHINE.report()
@@ -647,4 +715,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    train.run(main, "bench.py")
+    common.run(main, "bench.py")
