@@ -13,6 +13,11 @@ a few minutes of compiling each on such a CPU); the bfloat16 rows only where bfl
 Machines are shared and noisy: every figure is the best of several runs taken in turns, and the
 ratios within one run mean more than the absolute numbers. The `machine` section measures what the
 others are compared with: the memory bandwidth decoding can at best reach, and the matmul peak.
+
+It measures the scripts through their public functions: generate and compile_for_decoding from
+sample.py, load from load_hf.py, tokenize_corpus from data/prepare.py, the command line and the
+tokenizer from common.py; train.py is run as a user runs it (ddp section). transformers is
+imported only by the sections that compare with it.
 """
 import gc
 import itertools
@@ -376,7 +381,7 @@ def bench_prefill(model_name):
         def run():
             set_flash(ours, flash)
             ours.setup_cache(1, t)
-            return ours(idx, start_pos=0, last_only=last_only)[:, -1]
+            return ours(idx, use_cache=True, last_only=last_only)[:, -1]
         return run
 
     rows = {"transformers (logits_to_keep=1)": lambda: hf(idx, use_cache=True, logits_to_keep=1).logits[:, -1],
