@@ -1,4 +1,24 @@
-"""Tests: python -m pytest test_models.py  (CPU, offline)."""
+"""The tests: python -m pytest -q test_models.py  (offline, on the CPU).
+
+The sections follow the files under test in the order a reader meets them:
+
+  1. the model files gpt2.py, llama2.py, llama3.py: parameter counts, shapes, causality, the KV cache,
+     and the fast paths beside the readable one (flash attention, last_only, torch.compile);
+  2. common.py: the key=value command line, the GPT-2 tokenizer, checkpoint files;
+  3. sample.py: generation and sampling, load_model;
+  4. load_hf.py: GPT-2 and Llama weights from Hugging Face folders;
+  5. data/prepare.py: the token cache (a memmap) and the training windows;
+  6. train.py: training runs, starting from pretrained weights or a checkpoint, resuming, DDP and FSDP;
+  7. end to end: the scripts in subprocesses, as a user runs them.
+
+It imports the three model files, common, sample, load_hf, train and data.prepare, and transformers
+for its GPT2LMHeadModel, LlamaForCausalLM and tokenizers to compare against. Nothing is downloaded:
+HF_HUB_OFFLINE is set before huggingface_hub is imported, the Hugging Face models and tokenizers are
+built here from small configs with random weights and saved with save_pretrained, and the GPT-2
+tokenizer is read from data/gpt2.tiktoken.
+"""
+
+
 import json
 import os
 import re
@@ -57,7 +77,12 @@ def story(tmp_path):
     return str(path)
 
 
-# ---- GPT-2: shapes, parameter counts, attention
+# ===== 1. The model files: gpt2.py, llama2.py, llama3.py ===============================================
+# What each architecture computes, on its own: parameter counts of the published sizes, shapes,
+# causality, flash attention against the einsum reference, the KV cache, and the fast paths.
+
+
+# ---- GPT-2 (gpt2.py): parameter counts, shapes, init, causality, flash, KV cache
 
 @pytest.mark.parametrize("preset, expected", [
     ("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080),
@@ -105,8 +130,6 @@ def test_gpt2_flash_matches_einsum():
                 - flash(idx[:, 40:], start_pos=40, use_cache=True)).abs().max() < 1e-5
 
 
-# ---- generation: KV cache, sampling, end of text
-
 def test_cached_logits_equal_full_sequence_logits():
     model = tiny_gpt2()
     idx = torch.randint(0, 50257, (3, 30))
@@ -118,244 +141,10 @@ def test_cached_logits_equal_full_sequence_logits():
     assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_generation_with_and_without_cache_agree(batch):
-    model = tiny_gpt2()  # context 64: 20 + 80 tokens go well past it
-    idx = torch.randint(0, 50257, (batch, 20))
-    with_cache = torch.stack(list(sample.generate(model, idx, 80, use_cache=True)), dim=1)
-    without = torch.stack(list(sample.generate(model, idx, 80, use_cache=False)), dim=1)
-    assert with_cache.shape == (batch, 80)
-    assert torch.equal(with_cache, without)
-
-
-class ScriptedModel(torch.nn.Module):
-    """Stands in for a model: row r emits token r + 1 until step eot_at[r], then the end token."""
-
-    def __init__(self, eot_at, eot_id=9):
-        super().__init__()
-        self.cfg = gpt2.Config(vocab_size=10, context_length=32)
-        self.eot_at, self.eot_id, self.weight = eot_at, eot_id, torch.nn.Parameter(torch.zeros(1))
-
-    def setup_cache(self, batch_size, max_len):
-        pass
-
-    def forward(self, idx, start_pos=0, use_cache=False, last_only=False):
-        logits = torch.zeros(idx.shape[0], idx.shape[1], 10)
-        for r, step in enumerate(self.eot_at):
-            new = idx.shape[1] + start_pos - 1  # tokens generated so far (prompt: 1 token)
-            logits[r, -1, self.eot_id if new >= step else r + 1] = 1.0
-        return logits
-
-
-def test_batched_generation_stops_each_row_at_end_of_text():
-    model = ScriptedModel(eot_at=[2, 5, 100])
-    out = torch.stack(list(sample.generate(model, torch.zeros(3, 1, dtype=torch.long), 8, eot_id=9)), 1)
-    assert out[0].tolist() == [1, 1, 9, 9, 9, 9, 9, 9]  # row 0 ended, and stays ended
-    assert out[1].tolist() == [2, 2, 2, 2, 2, 9, 9, 9]
-    assert out[2].tolist() == [3] * 8
-    done = list(sample.generate(ScriptedModel(eot_at=[2, 3]), torch.zeros(2, 1, dtype=torch.long), 50,
-                               eot_id=9))
-    assert len(done) == 4  # stops as soon as every row has ended
-
-
-def test_top_k_and_top_p_keep_only_the_likely_tokens():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    torch.manual_seed(0)
-    picks = {int(sample.sample_next(logits, 1.0, 2, 1.0)) for _ in range(200)}
-    assert picks == {0, 1}
-    picks = {int(sample.sample_next(logits, 1.0, None, 0.7)) for _ in range(200)}
-    assert picks == {0, 1}  # 0.5 alone is under 0.7; 0.5 + 0.3 covers it
-    picks = {int(sample.sample_next(logits, 1.0, None, 0.4)) for _ in range(50)}
-    assert picks == {0}
-    assert int(sample.sample_next(logits, 0.0, None, 1.0)) == 0  # greedy
-
-
-def test_same_seed_same_sample():
-    model = tiny_gpt2()
-    idx = torch.randint(0, 50257, (2, 5))
-
-    def draw(seed):
-        torch.manual_seed(seed)
-        return torch.stack(list(sample.generate(model, idx, 20, temperature=1.0, top_k=50)), dim=1)
-
-    assert torch.equal(draw(1), draw(1))
-    assert not torch.equal(draw(1), draw(2))
-
-
-# ---- tokenizer
-
-def test_tokenizer_matches_gpt2_ids_offline():
-    tok = common.load_tokenizer("gpt2")
-    text = "Hello, do you like tea? <|endoftext|> In the sunlit terraces of someunknownPlace."
-    ids = [15496, 11, 466, 345, 588, 8887, 30, 220, 50256, 554, 262, 4252, 18250, 8812, 2114, 286, 617,
-           34680, 27271, 13]
-    assert tok.encode(text) == ids
-    assert tok.decode(ids) == text
-    assert tok.vocab_size == 50257 and tok.eot_id == 50256
-
-
-# ---- command line
-
-def parsed(*argv, usage="train.py"):
-    model_name, pairs, _ = common.parse_args(list(argv), usage)
-    cfg, model_cfg = train.TrainConfig(), gpt2.Config()
-    common.apply_overrides(pairs, [cfg, model_cfg], usage)
-    return model_name, cfg, model_cfg
-
-
-def test_overrides_are_parsed_into_the_field_types():
-    name, cfg, model_cfg = parsed("--model", "gpt2", "lr=1", "--epochs=3", "flash=False", "stride=None",
-                                  "prompt=a=b c", "n_layers=4", "dropout=0")
-    assert name == "gpt2"
-    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
-    assert cfg.epochs == 3 and cfg.stride is None and cfg.prompt == "a=b c"
-    assert model_cfg.flash is False and model_cfg.n_layers == 4 and model_cfg.dropout == 0.0
-    assert parsed("flash=true")[2].flash is True and parsed("stride=16")[1].stride == 16
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--model", "gpt5"], "unknown model 'gpt5': choose one of gpt2"),
-    (["--model"], "--model needs a name"),
-    (["lrr=0.1"], "did you mean 'lr'"),
-    (["epochs=abc"], "epochs=abc: expected a whole number"),
-    (["lr=fast"], "lr=fast: expected a number"),
-    (["flash=maybe"], "expected true or false"),
-    (["epochs"], "'epochs' is not key=value"),
-])
-def test_bad_overrides_name_the_problem(argv, message):
-    with pytest.raises(UserError, match=message.replace("(", r"\(")):
-        parsed(*argv)
-
-
-def test_unknown_key_lists_the_valid_keys():
-    with pytest.raises(UserError) as e:
-        parsed("colour=red")
-    assert "valid keys are" in str(e.value) and "batch_size" in str(e.value) and "n_layers" in str(e.value)
-
-
-def test_help_lists_every_key_with_type_and_default(capsys):
-    train.main(["--help"])
-    out = capsys.readouterr().out
-    for line in ("lr               float        0.0005", "n_layers         int          12",
-                 "stride           int | None   None", "config           str          ''"):
-        assert line in out
-
-
-# ---- training
-
-def test_train_errors_for_bad_data(tmp_path, story):
-    def train_on(path, *extra):
-        train.main(["config=tiny", f"data={path}", f"out_dir={tmp_path / 'out'}", "device=cpu", *extra])
-
-    with pytest.raises(UserError, match="not found"):
-        train_on(tmp_path / "missing.txt")
-    (tmp_path / "empty.txt").write_text("  \n")
-    with pytest.raises(UserError, match="is empty"):
-        train_on(tmp_path / "empty.txt")
-    (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me ".encode("latin-1") * 50)
-    with pytest.raises(UserError, match="not UTF-8"):
-        train_on(tmp_path / "latin1.txt")
-    (tmp_path / "short.txt").write_text("Too short to make a window of 64 tokens. " * 3)
-    with pytest.raises(UserError, match="fewer than one window"):
-        train_on(tmp_path / "short.txt")
-    with pytest.raises(UserError, match="fewer than batch_size"):
-        train_on(story, "batch_size=64")
-    with pytest.raises(UserError, match="unknown config 'huge'"):
-        train_on(story, "config=huge")
-    with pytest.raises(UserError, match="device=tpu"):
-        train_on(story, "device=tpu")
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    with pytest.raises(UserError, match="cannot write to out_dir"):
-        train.main(["config=tiny", f"data={story}", f"out_dir={blocker / 'out'}"])
-
-
-def test_tiny_model_loss_falls(tmp_path, story, capsys):
-    train.main(["config=tiny", f"data={story}", f"out_dir={tmp_path}", "epochs=4", "lr=3e-3",
-                "warmup_steps=2", "device=cpu", "dtype=float32", "batch_size=4"])
-    history = torch.load(tmp_path / "ckpt.pt", weights_only=True)["history"]
-    assert history["train"][-1] < history["train"][0] - 1.0
-    assert history["step_loss"][-1] < history["step_loss"][0] - 3.0
-    assert (tmp_path / "loss.png").stat().st_size > 0
-    assert "epoch  4" in capsys.readouterr().out
-
-
-def test_checkpoint_round_trip(tmp_path):
-    model = tiny_gpt2(n_layers=1)
-    path = str(tmp_path / "ckpt.pt")
-    common.save_checkpoint({"model": model.state_dict(), "model_name": "gpt2",
-                           "model_config": model.cfg.__dict__, "tokenizer": "gpt2"}, path)
-    assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temporary file was renamed away
-    loaded, ckpt = sample.load_model(str(tmp_path), "cpu")
-    idx = torch.randint(0, 50257, (1, 10))
-    with torch.no_grad():
-        assert torch.equal(model(idx), loaded.eval()(idx))
-    assert loaded.lm_head.weight is loaded.token_embedding.weight  # still tied
-
-
-def test_missing_or_corrupt_checkpoint(tmp_path):
-    with pytest.raises(UserError, match="no checkpoint at"):
-        sample.load_model(str(tmp_path), "cpu")
-    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(UserError, match="is not a checkpoint this project can load"):
-        sample.load_model(str(tmp_path), "cpu")
-
-
-# ---- end to end, in subprocesses as a user runs them
-
-def test_train_then_sample_end_to_end(tmp_path, story):
-    out = tmp_path / "out"
-    result = run_script("train.py", "--model", "gpt2", "config=tiny", "epochs=1", f"data={story}",
-                        f"out_dir={out}", "device=cpu")
-    assert result.returncode == 0, result.stderr
-    assert "train loss" in result.stdout and "val loss" in result.stdout
-    assert (out / "ckpt.pt").exists() and (out / "loss.png").exists()
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["model_name"] == "gpt2" and ckpt["tokenizer"] == "gpt2"
-    assert ckpt["model_config"]["n_layers"] == 2 and ckpt["train_config"]["epochs"] == 1
-
-    result = run_script("sample.py", f"init_from={out}", "prompt=The painter", "max_new_tokens=12",
-                        "seed=7")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("The painter") and "tokens/s" in result.stderr
-    again = run_script("sample.py", f"init_from={out}", "prompt=The painter", "max_new_tokens=12",
-                       "seed=7")
-    assert again.stdout == result.stdout  # same seed, same text
-
-    batch = run_script("sample.py", f"init_from={out}", "num_samples=3", "max_new_tokens=5",
-                       "temperature=0", f"prompt={'word ' * 100}")
-    assert batch.returncode == 0, batch.stderr
-    assert batch.stdout.count("--- sample") == 3
-    assert "only its last 64 tokens are used" in batch.stderr  # a long prompt is cropped, with a note
-
-
-@pytest.mark.parametrize("script, args, message", [
-    ("train.py", ["--model", "no_such_model"], "unknown model"),
-    ("train.py", ["no_such_key=1"], "unknown key"),
-    ("train.py", ["epochs=abc"], "expected a whole number"),
-    ("sample.py", ["init_from=/no/such/dir"], "no checkpoint at"),
-    ("sample.py", ["top_k=0"], "top_k=0"),
-    ("sample.py", ["temperature=-1"], "negative"),
-    ("sample.py", ["top_p=1.5"], "top_p=1.5"),
-])
-def test_bad_input_gives_one_line_and_status_2(tmp_path, script, args, message):
-    if script == "sample.py" and not args[0].startswith("init_from"):  # needs a checkpoint to get there
-        model = tiny_gpt2(n_layers=1)
-        common.save_checkpoint({"model": model.state_dict(), "model_name": "gpt2",
-                               "model_config": model.cfg.__dict__, "tokenizer": "gpt2"},
-                              str(tmp_path / "ckpt.pt"))
-        args = [*args, f"init_from={tmp_path}"]
-    result = run_script(script, *args)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
-
-
-# ---- Llama 2 / Llama 3 (llama2.py, llama3.py) ---------------------------------------------------
-# Parameter counts of the real models, flash vs einsum, logits and greedy tokens against transformers'
-# LlamaForCausalLM on small random models saved with save_pretrained and read by load_hf.py, the KV
-# cache, bf16, and no context^2 buffers.
-
+# ---- Llama 2 / Llama 3 (llama2.py, llama3.py)
+# Parameter counts of the real models, the toy preset, flash vs einsum, the KV cache against the
+# full sequence, and no context^2 buffers. The small LlamaConfigs here are also the ones load_hf.py
+# is checked with (section 4): the models are built from them by transformers and read by load_hf.py.
 
 _LLAMA_REAL_SIZES = [  # from the published checkpoints
     (llama2, "llama2-7b", 6_738_415_616),
@@ -473,46 +262,6 @@ def test_llama_flash_matches_einsum(module, n_kv_heads):
     assert _llama_max_diff(reference, fused) < 1e-5
 
 
-@pytest.mark.parametrize("name", list(_LLAMA_HF_CONFIGS))
-def test_llama_from_hf_matches_transformers(name, tmp_path):
-    """Logits within 1e-4 (float32, a batch of 2), then the same 20 greedy tokens as HF's generate."""
-    hf_model, model, module, seq_len = _llama_saved(name, tmp_path)
-    idx = _llama_ids(hf_model, 2, seq_len)
-    with torch.no_grad():
-        expected = hf_model(idx).logits
-        got = model(idx)
-    diff = _llama_max_diff(got, expected)
-    print(f"{name}: float32 max |logit difference| vs transformers {diff:.2e}"
-          f" (logits up to {expected.abs().max().item():.1f})")
-    assert diff < 1e-4
-    assert (model.lm_head.weight is model.token_embedding.weight) == model.cfg.tie_weights
-    assert module.count_parameters(model) == hf_model.num_parameters()
-
-    hf_model.generation_config.eos_token_id = None  # exactly 20 tokens, as ours without eot_id
-    theirs = hf_model.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
-                               max_new_tokens=20, pad_token_id=0)[:, seq_len:]
-    ours = torch.stack(list(sample.generate(model, idx, 20)), dim=1)  # greedy, with the KV cache
-    assert torch.equal(ours, theirs)
-
-
-@pytest.mark.parametrize("name", [n for n in _LLAMA_HF_CONFIGS if "scaled" in n])
-def test_llama_rope_scaling_is_used(name, tmp_path):
-    """The seed notebook computed the Llama 3.1 frequencies, then used the unscaled ones."""
-    hf_model, model, module, seq_len = _llama_saved(name, tmp_path)
-    hf_freqs = hf_model.model.rotary_emb.inv_freq
-    unscaled = module.rope_frequencies(module.Config(**{**vars(model.cfg), "rope_factor": None}))
-    assert torch.allclose(module.rope_frequencies(model.cfg), hf_freqs, rtol=1e-6, atol=0)
-    kept = torch.isclose(hf_freqs, unscaled, rtol=1e-6, atol=0)
-    scaled = torch.isclose(hf_freqs, unscaled / model.cfg.rope_factor, rtol=1e-6, atol=0)
-    assert kept.any() and scaled.any() and (~kept & ~scaled).any()  # all three bands are exercised
-    assert seq_len > model.cfg.rope_original_context
-    # and the test above would catch a model that forgot the scaling
-    model.cfg.rope_factor = None
-    idx = _llama_ids(hf_model, 2, seq_len)
-    with torch.no_grad():
-        assert _llama_max_diff(model(idx), hf_model(idx).logits) > 1e-2
-
-
 @pytest.mark.parametrize("name", ["llama2-mha", "llama3-gqa", "llama3.1-scaled-mqa"])
 @pytest.mark.parametrize("flash", [False, True])
 def test_llama_kv_cache_matches_full_sequence(name, flash, tmp_path):
@@ -528,49 +277,6 @@ def test_llama_kv_cache_matches_full_sequence(name, flash, tmp_path):
             cached = model(idx[:, pos:pos + step], start_pos=pos, use_cache=True)
             assert _llama_max_diff(cached, full[:, pos:pos + step]) < 1e-4, pos
             pos += step
-
-
-@pytest.mark.parametrize("module, overrides", [
-    (llama2, dict(n_kv_heads=4)),
-    (llama3, dict(n_kv_heads=2)),
-    (llama3, dict(n_kv_heads=1, rope_factor=8.0, rope_original_context=8)),
-], ids=["llama2-mha", "llama3-gqa", "llama3-scaled-mqa"])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_llama_generate_same_with_and_without_cache(module, overrides, batch):
-    cfg = module.Config(**{**_LLAMA_TEST, "context_length": 12,
-                           **overrides})
-    model = _llama_randomize(module.Transformer(cfg), seed=2).eval()
-    idx = torch.randint(0, cfg.vocab_size, (batch, 5), generator=torch.Generator().manual_seed(3))
-    n = 20  # 5 + 20 tokens: the window slides past the 12-token context
-    with_cache = torch.stack(list(sample.generate(model, idx, n, temperature=0.0, use_cache=True)), 1)
-    without = torch.stack(list(sample.generate(model, idx, n, temperature=0.0, use_cache=False)), 1)
-    assert with_cache.shape == (batch, n)
-    assert torch.equal(with_cache, without)
-
-
-@pytest.mark.parametrize("name", ["llama2-gqa", "llama3.1-scaled-mqa", "llama3.2-scaled-tied"])
-def test_llama_bfloat16_close_to_transformers(name, tmp_path):
-    """Saved in bfloat16, as the published Llama 3 checkpoints are: load_hf.py keeps it with dtype=None."""
-    hf_model, module, seq_len = _llama_hf(name)
-    idx = _llama_ids(hf_model, 2, seq_len)
-    with torch.no_grad():
-        reference = hf_model(idx).logits  # float32
-        inv_freq = hf_model.model.rotary_emb.inv_freq
-        hf_model.to(torch.bfloat16)
-        # from_pretrained(dtype=bfloat16) keeps this buffer in float32; .to() would round it
-        hf_model.model.rotary_emb.inv_freq = inv_freq
-        hf_model.save_pretrained(tmp_path)
-        model, ckpt = load_hf.load(str(tmp_path), dtype=None)
-        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-        assert ckpt["model_config"]["dtype"] == "bfloat16"  # so that a converted checkpoint rebuilds it so
-        assert load_hf.load(str(tmp_path))[1]["model_config"]["dtype"] == "float32"  # load's default
-        got, expected = model.eval()(idx), hf_model(idx).logits
-    diff = _llama_max_diff(got, expected)
-    print(f"{name}: bfloat16 max |logit difference| vs transformers in bfloat16 {diff:.2e}; "
-          f"vs float32: ours {_llama_max_diff(got, reference):.3f}, "
-          f"transformers {_llama_max_diff(expected, reference):.3f}"
-          f" (logits up to {reference.abs().max().item():.1f})")
-    assert diff < 0.1  # bf16 itself moves these logits by ~0.07 from float32; we match HF to 0.000
 
 
 def test_llama_long_context_allocates_no_context_squared_mask():
@@ -591,7 +297,288 @@ def test_llama_long_context_allocates_no_context_squared_mask():
         assert _llama_max_diff(model(idx[:, 7:], start_pos=7, use_cache=True)[:, -1], full[:, 7]) < 1e-5
 
 
-# ---- load_hf.py: Hugging Face GPT-2 weights
+# ---- fast paths: the KV cache, flash attention, last_only, torch.compile
+# What bench.py measures must compute what the readable path computes: the KV cache (with a cache
+# reused across calls), flash attention, logits of the last position only, and torch.compile as
+# sample.py compile=true sets it up; for all three models, batches of 1 and 3, past the context.
+
+_FAST_SMALL = dict(vocab_size=96, context_length=16, d_model=32, n_layers=2, n_heads=4)
+_FAST_LLAMA = dict(_FAST_SMALL, d_ff=64, dtype="float32")
+_FAST_MODELS = {  # name: (module, Config overrides)
+    "gpt2": (gpt2, _FAST_SMALL),
+    "llama2": (llama2, dict(_FAST_LLAMA, n_kv_heads=4)),
+    "llama3-gqa": (llama3, dict(_FAST_LLAMA, n_kv_heads=2)),
+    "llama3.1-scaled-mqa": (llama3, dict(_FAST_LLAMA, n_kv_heads=1, rope_factor=8.0,
+                                         rope_original_context=8)),
+}
+
+
+def _fast_model(name, flash=False):
+    """A small random model; weights large enough that attention is far from uniform."""
+    module, overrides = _FAST_MODELS[name]
+    torch.manual_seed(0)
+    model = module.Transformer(module.Config(**overrides, flash=flash)).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1.0 + 0.2 * noise if "norm.weight" in pname else 0.2 * noise)
+    return model
+
+
+def _fast_ids(batch, length, seed=2):
+    return torch.randint(0, _FAST_SMALL["vocab_size"], (batch, length),
+                         generator=torch.Generator().manual_seed(seed))
+
+
+def _fast_greedy(model, idx, n, use_cache=True):
+    return torch.stack(list(sample.generate(model, idx, n, use_cache=use_cache)), dim=1)
+
+
+@pytest.mark.parametrize("name", list(_FAST_MODELS))
+@pytest.mark.parametrize("flash", [False, True])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.usefixtures("one_thread")
+def test_fast_cached_last_only_logits_match_full_sequence(name, flash, batch):
+    reference = _fast_model(name)  # einsum attention, whole sequence, every position
+    model = _fast_model(name, flash)
+    idx = _fast_ids(batch, 16)
+    with torch.no_grad():
+        full = reference(idx)
+        last = model(idx, last_only=True)
+        assert last.shape == (batch, 1, full.shape[-1])
+        assert (last[:, 0] - full[:, -1]).abs().max() < 1e-5
+        model.setup_cache(batch, 16)
+        steps = [model(idx[:, :5], start_pos=0, use_cache=True, last_only=True)]  # prefill, then token by token
+        steps += [model(idx[:, i:i + 1], start_pos=i, use_cache=True, last_only=True) for i in range(5, 16)]
+    assert (torch.cat(steps, dim=1) - full[:, 4:]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", list(_FAST_MODELS))
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.usefixtures("one_thread")
+def test_fast_greedy_ids_identical_past_the_context(name, batch):
+    idx = _fast_ids(batch, 6)  # 6 + 30 tokens: the 16-token window slides 20 times
+    expected = _fast_greedy(_fast_model(name), idx, 30, use_cache=False)  # the readable path
+    for flash in (False, True):
+        model = _fast_model(name, flash)
+        assert torch.equal(_fast_greedy(model, idx, 30), expected), flash
+        assert torch.equal(_fast_greedy(model, idx, 30, use_cache=False), expected), flash
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama3-gqa"])
+@pytest.mark.usefixtures("one_thread")
+def test_fast_reused_cache_reads_nothing_stale(name):
+    model = _fast_model(name)
+    a, b = _fast_ids(3, 6, seed=3), _fast_ids(3, 6, seed=4)
+    _fast_greedy(model, a, 8)  # fills a cache of 3 x 14 positions...
+    cache = model.blocks[0].attn.cache
+    assert torch.equal(_fast_greedy(model, b, 8), _fast_greedy(_fast_model(name), b, 8))
+    assert model.blocks[0].attn.cache is cache  # ...which the second prompt reused
+    assert torch.equal(_fast_greedy(model, b[:1], 8), _fast_greedy(_fast_model(name), b[:1], 8))
+    assert model.blocks[0].attn.cache.k.shape[0] == 1  # another batch size: a new cache
+
+
+# llama2.py's attention and forward are llama3.py's line for line; compiling costs seconds a model
+@pytest.mark.parametrize("name", ["gpt2", "llama3.1-scaled-mqa"])
+@pytest.mark.usefixtures("one_thread")
+def test_fast_compiled_decoding_matches_eager(name):
+    import torch._inductor.config
+    with torch._inductor.config.patch(freezing=False):  # restored after: compile_for_decoding sets it
+        model = _fast_model(name)
+        idx = _fast_ids(3, 6)
+        expected = _fast_greedy(model, idx, 14, use_cache=False)  # 6 + 14 tokens: past the context
+        compiled = sample.compile_for_decoding(_fast_model(name))
+        assert torch.equal(_fast_greedy(compiled, idx, 14), expected)
+        with torch.no_grad():
+            full = model(idx)
+            compiled.setup_cache(3, 16)  # the size generate used: a new size would compile again
+            prefill = compiled(idx[:, :5], start_pos=0, use_cache=True, last_only=True)
+            step = compiled(idx[:, 5:], start_pos=5, use_cache=True, last_only=True)
+        assert (prefill[:, 0] - full[:, 4]).abs().max() < 1e-4
+        assert (step[:, 0] - full[:, 5]).abs().max() < 1e-4
+    assert torch._inductor.config.freezing is False
+
+
+# ===== 2. common.py: the command line, the tokenizer, checkpoint files =================================
+# What every script shares: key=value parsing into the fields' types and its one-line errors,
+# --help, GPT-2's tokenizer offline, and checkpoint files written atomically.
+
+
+# ---- command line
+
+def parsed(*argv, usage="train.py"):
+    model_name, pairs, _ = common.parse_args(list(argv), usage)
+    cfg, model_cfg = train.TrainConfig(), gpt2.Config()
+    common.apply_overrides(pairs, [cfg, model_cfg], usage)
+    return model_name, cfg, model_cfg
+
+
+def test_overrides_are_parsed_into_the_field_types():
+    name, cfg, model_cfg = parsed("--model", "gpt2", "lr=1", "--epochs=3", "flash=False", "stride=None",
+                                  "prompt=a=b c", "n_layers=4", "dropout=0")
+    assert name == "gpt2"
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert cfg.epochs == 3 and cfg.stride is None and cfg.prompt == "a=b c"
+    assert model_cfg.flash is False and model_cfg.n_layers == 4 and model_cfg.dropout == 0.0
+    assert parsed("flash=true")[2].flash is True and parsed("stride=16")[1].stride == 16
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "gpt5"], "unknown model 'gpt5': choose one of gpt2"),
+    (["--model"], "--model needs a name"),
+    (["lrr=0.1"], "did you mean 'lr'"),
+    (["epochs=abc"], "epochs=abc: expected a whole number"),
+    (["lr=fast"], "lr=fast: expected a number"),
+    (["flash=maybe"], "expected true or false"),
+    (["epochs"], "'epochs' is not key=value"),
+])
+def test_bad_overrides_name_the_problem(argv, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        parsed(*argv)
+
+
+def test_unknown_key_lists_the_valid_keys():
+    with pytest.raises(UserError) as e:
+        parsed("colour=red")
+    assert "valid keys are" in str(e.value) and "batch_size" in str(e.value) and "n_layers" in str(e.value)
+
+
+def test_help_lists_every_key_with_type_and_default(capsys):
+    train.main(["--help"])
+    out = capsys.readouterr().out
+    for line in ("lr               float        0.0005", "n_layers         int          12",
+                 "stride           int | None   None", "config           str          ''"):
+        assert line in out
+
+
+# ---- tokenizer
+
+def test_tokenizer_matches_gpt2_ids_offline():
+    tok = common.load_tokenizer("gpt2")
+    text = "Hello, do you like tea? <|endoftext|> In the sunlit terraces of someunknownPlace."
+    ids = [15496, 11, 466, 345, 588, 8887, 30, 220, 50256, 554, 262, 4252, 18250, 8812, 2114, 286, 617,
+           34680, 27271, 13]
+    assert tok.encode(text) == ids
+    assert tok.decode(ids) == text
+    assert tok.vocab_size == 50257 and tok.eot_id == 50256
+
+
+# ---- checkpoint files
+
+def test_checkpoint_round_trip(tmp_path):
+    model = tiny_gpt2(n_layers=1)
+    path = str(tmp_path / "ckpt.pt")
+    common.save_checkpoint({"model": model.state_dict(), "model_name": "gpt2",
+                           "model_config": model.cfg.__dict__, "tokenizer": "gpt2"}, path)
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temporary file was renamed away
+    loaded, ckpt = sample.load_model(str(tmp_path), "cpu")
+    idx = torch.randint(0, 50257, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(model(idx), loaded.eval()(idx))
+    assert loaded.lm_head.weight is loaded.token_embedding.weight  # still tied
+
+
+# ===== 3. sample.py: generation, sampling, load_model ==================================================
+# generate with and without the KV cache (past the context too), each row of a batch stopping at
+# end of text, top_k and top_p, seeds; load_model on what is not a checkpoint.
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_generation_with_and_without_cache_agree(batch):
+    model = tiny_gpt2()  # context 64: 20 + 80 tokens go well past it
+    idx = torch.randint(0, 50257, (batch, 20))
+    with_cache = torch.stack(list(sample.generate(model, idx, 80, use_cache=True)), dim=1)
+    without = torch.stack(list(sample.generate(model, idx, 80, use_cache=False)), dim=1)
+    assert with_cache.shape == (batch, 80)
+    assert torch.equal(with_cache, without)
+
+
+@pytest.mark.parametrize("module, overrides", [
+    (llama2, dict(n_kv_heads=4)),
+    (llama3, dict(n_kv_heads=2)),
+    (llama3, dict(n_kv_heads=1, rope_factor=8.0, rope_original_context=8)),
+], ids=["llama2-mha", "llama3-gqa", "llama3-scaled-mqa"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_llama_generate_same_with_and_without_cache(module, overrides, batch):
+    cfg = module.Config(**{**_LLAMA_TEST, "context_length": 12,
+                           **overrides})
+    model = _llama_randomize(module.Transformer(cfg), seed=2).eval()
+    idx = torch.randint(0, cfg.vocab_size, (batch, 5), generator=torch.Generator().manual_seed(3))
+    n = 20  # 5 + 20 tokens: the window slides past the 12-token context
+    with_cache = torch.stack(list(sample.generate(model, idx, n, temperature=0.0, use_cache=True)), 1)
+    without = torch.stack(list(sample.generate(model, idx, n, temperature=0.0, use_cache=False)), 1)
+    assert with_cache.shape == (batch, n)
+    assert torch.equal(with_cache, without)
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for a model: row r emits token r + 1 until step eot_at[r], then the end token."""
+
+    def __init__(self, eot_at, eot_id=9):
+        super().__init__()
+        self.cfg = gpt2.Config(vocab_size=10, context_length=32)
+        self.eot_at, self.eot_id, self.weight = eot_at, eot_id, torch.nn.Parameter(torch.zeros(1))
+
+    def setup_cache(self, batch_size, max_len):
+        pass
+
+    def forward(self, idx, start_pos=0, use_cache=False, last_only=False):
+        logits = torch.zeros(idx.shape[0], idx.shape[1], 10)
+        for r, step in enumerate(self.eot_at):
+            new = idx.shape[1] + start_pos - 1  # tokens generated so far (prompt: 1 token)
+            logits[r, -1, self.eot_id if new >= step else r + 1] = 1.0
+        return logits
+
+
+def test_batched_generation_stops_each_row_at_end_of_text():
+    model = ScriptedModel(eot_at=[2, 5, 100])
+    out = torch.stack(list(sample.generate(model, torch.zeros(3, 1, dtype=torch.long), 8, eot_id=9)), 1)
+    assert out[0].tolist() == [1, 1, 9, 9, 9, 9, 9, 9]  # row 0 ended, and stays ended
+    assert out[1].tolist() == [2, 2, 2, 2, 2, 9, 9, 9]
+    assert out[2].tolist() == [3] * 8
+    done = list(sample.generate(ScriptedModel(eot_at=[2, 3]), torch.zeros(2, 1, dtype=torch.long), 50,
+                               eot_id=9))
+    assert len(done) == 4  # stops as soon as every row has ended
+
+
+def test_top_k_and_top_p_keep_only_the_likely_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    torch.manual_seed(0)
+    picks = {int(sample.sample_next(logits, 1.0, 2, 1.0)) for _ in range(200)}
+    assert picks == {0, 1}
+    picks = {int(sample.sample_next(logits, 1.0, None, 0.7)) for _ in range(200)}
+    assert picks == {0, 1}  # 0.5 alone is under 0.7; 0.5 + 0.3 covers it
+    picks = {int(sample.sample_next(logits, 1.0, None, 0.4)) for _ in range(50)}
+    assert picks == {0}
+    assert int(sample.sample_next(logits, 0.0, None, 1.0)) == 0  # greedy
+
+
+def test_same_seed_same_sample():
+    model = tiny_gpt2()
+    idx = torch.randint(0, 50257, (2, 5))
+
+    def draw(seed):
+        torch.manual_seed(seed)
+        return torch.stack(list(sample.generate(model, idx, 20, temperature=1.0, top_k=50)), dim=1)
+
+    assert torch.equal(draw(1), draw(1))
+    assert not torch.equal(draw(1), draw(2))
+
+
+def test_missing_or_corrupt_checkpoint(tmp_path):
+    with pytest.raises(UserError, match="no checkpoint at"):
+        sample.load_model(str(tmp_path), "cpu")
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UserError, match="is not a checkpoint this project can load"):
+        sample.load_model(str(tmp_path), "cpu")
+
+
+# ===== 4. load_hf.py: GPT-2 and Llama from Hugging Face ================================================
+# Hugging Face folders read into our models: the same logits and greedy tokens as transformers, the
+# real models' configs, older file layouts, shards, bfloat16, and what load_hf.py refuses.
+
+
+# ---- GPT-2
 # transformers' own GPT2LMHeadModel, built from a config and saved with save_pretrained, stands in for
 # the published checkpoints: same files, same names, random weights. Nothing here touches the network.
 
@@ -743,56 +730,74 @@ def test_hf_bad_input_says_what_to_do(tmp_path, monkeypatch):
           "'llm-from-scratch-tests/no-such-gpt2' \\(offline\\?\\): download it elsewhere and pass the folder")
 
 
-def test_hf_convert_then_sample_in_subprocesses(tmp_path, capsys):
-    _, folder = _hf_save(tmp_path / "hf", **_HF_SMALL)
-    env, out = _hf_env(tmp_path), tmp_path / "converted"
-    convert = subprocess.run([sys.executable, "load_hf.py", folder, f"out_dir={out}"], cwd=HERE, env=env,
-                             capture_output=True, text=True, timeout=300)
-    assert convert.returncode == 0, convert.stderr
-    assert "3,324,736 parameters (gpt2, float32)" in convert.stdout and f"init_from={out}" in convert.stdout
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["model_name"] == "gpt2" and ckpt["model_config"]["n_layers"] == 2
-    args = ["prompt=The painter", "temperature=0", "max_new_tokens=8"]
-    converted = subprocess.run([sys.executable, "sample.py", f"init_from={out}", *args], cwd=HERE, env=env,
-                               capture_output=True, text=True, timeout=300)
-    assert converted.returncode == 0, converted.stderr
-    sample.main([f"init_from={folder}", *args])  # the Hugging Face folder directly: the same text
-    assert capsys.readouterr().out == converted.stdout and converted.stdout.startswith("The painter")
+# ---- Llama
+# Logits and greedy tokens of each small LlamaConfig of section 1 against LlamaForCausalLM, RoPE
+# scaling, bfloat16, the real models' config.json files, older layouts, shards, bad input.
 
-    for script in ("sample.py", "train.py"):
-        offline = subprocess.run([sys.executable, script, "init_from=gpt2"], cwd=HERE, env=env,
-                                 capture_output=True, text=True, timeout=300)
-        assert offline.returncode == 2 and "Traceback" not in offline.stderr
-        assert offline.stderr.strip().splitlines() == [
-            f"{script}: cannot reach the Hugging Face hub for 'gpt2' (offline?): download it elsewhere and "
-            f"pass the folder, init_from=path/to/folder"]
+@pytest.mark.parametrize("name", list(_LLAMA_HF_CONFIGS))
+def test_llama_from_hf_matches_transformers(name, tmp_path):
+    """Logits within 1e-4 (float32, a batch of 2), then the same 20 greedy tokens as HF's generate."""
+    hf_model, model, module, seq_len = _llama_saved(name, tmp_path)
+    idx = _llama_ids(hf_model, 2, seq_len)
+    with torch.no_grad():
+        expected = hf_model(idx).logits
+        got = model(idx)
+    diff = _llama_max_diff(got, expected)
+    print(f"{name}: float32 max |logit difference| vs transformers {diff:.2e}"
+          f" (logits up to {expected.abs().max().item():.1f})")
+    assert diff < 1e-4
+    assert (model.lm_head.weight is model.token_embedding.weight) == model.cfg.tie_weights
+    assert module.count_parameters(model) == hf_model.num_parameters()
 
-
-def test_hf_train_continues_pretrained_weights(tmp_path, story):
-    _, folder = _hf_save(tmp_path / "hf", **_HF_SMALL)
-
-    def run(*extra):
-        train.main([f"init_from={folder}", f"data={story}", f"out_dir={tmp_path / 'out'}", "device=cpu",
-                    "dtype=float32", "epochs=1", *extra])
-
-    for extra, message in [(["n_layers=4"], "n_layers=4 would change the architecture"),
-                           (["context_length=64"], "context_length=64 would change"),
-                           (["config=tiny"], "config=tiny picks a model to train from scratch"),
-                           (["seq_len=256"], "seq_len=256 is longer than the model's context_length=128"),
-                           (["--model", "gpt2", "lrr=1"], "did you mean 'lr'")]:
-        with pytest.raises(UserError, match=message):
-            run(*extra)
-    run("seq_len=64", "batch_size=4", "dropout=0", "flash=true", "lr=0", "min_lr=0", "weight_decay=0")
-    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
-    assert ckpt["model_config"]["d_model"] == 64 and ckpt["model_config"]["flash"] is True
-    assert ckpt["train_config"]["init_from"] == folder and ckpt["train_config"]["seq_len"] == 64
-    pretrained, _ = load_hf.load(folder)
-    assert torch.equal(ckpt["model"]["blocks.1.mlp.up.weight"], pretrained.blocks[1].mlp.up.weight)  # lr=0
+    hf_model.generation_config.eos_token_id = None  # exactly 20 tokens, as ours without eot_id
+    theirs = hf_model.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
+                               max_new_tokens=20, pad_token_id=0)[:, seq_len:]
+    ours = torch.stack(list(sample.generate(model, idx, 20)), dim=1)  # greedy, with the KV cache
+    assert torch.equal(ours, theirs)
 
 
-# ---- load_hf.py: Hugging Face Llama weights
-# The logits and greedy tokens of each small LlamaConfig are checked in the Llama section above; here:
-# the real models' config.json files, older layouts, shards, bad input, and the scripts end to end.
+@pytest.mark.parametrize("name", [n for n in _LLAMA_HF_CONFIGS if "scaled" in n])
+def test_llama_rope_scaling_is_used(name, tmp_path):
+    """The seed notebook computed the Llama 3.1 frequencies, then used the unscaled ones."""
+    hf_model, model, module, seq_len = _llama_saved(name, tmp_path)
+    hf_freqs = hf_model.model.rotary_emb.inv_freq
+    unscaled = module.rope_frequencies(module.Config(**{**vars(model.cfg), "rope_factor": None}))
+    assert torch.allclose(module.rope_frequencies(model.cfg), hf_freqs, rtol=1e-6, atol=0)
+    kept = torch.isclose(hf_freqs, unscaled, rtol=1e-6, atol=0)
+    scaled = torch.isclose(hf_freqs, unscaled / model.cfg.rope_factor, rtol=1e-6, atol=0)
+    assert kept.any() and scaled.any() and (~kept & ~scaled).any()  # all three bands are exercised
+    assert seq_len > model.cfg.rope_original_context
+    # and the test above would catch a model that forgot the scaling
+    model.cfg.rope_factor = None
+    idx = _llama_ids(hf_model, 2, seq_len)
+    with torch.no_grad():
+        assert _llama_max_diff(model(idx), hf_model(idx).logits) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["llama2-gqa", "llama3.1-scaled-mqa", "llama3.2-scaled-tied"])
+def test_llama_bfloat16_close_to_transformers(name, tmp_path):
+    """Saved in bfloat16, as the published Llama 3 checkpoints are: load_hf.py keeps it with dtype=None."""
+    hf_model, module, seq_len = _llama_hf(name)
+    idx = _llama_ids(hf_model, 2, seq_len)
+    with torch.no_grad():
+        reference = hf_model(idx).logits  # float32
+        inv_freq = hf_model.model.rotary_emb.inv_freq
+        hf_model.to(torch.bfloat16)
+        # from_pretrained(dtype=bfloat16) keeps this buffer in float32; .to() would round it
+        hf_model.model.rotary_emb.inv_freq = inv_freq
+        hf_model.save_pretrained(tmp_path)
+        model, ckpt = load_hf.load(str(tmp_path), dtype=None)
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        assert ckpt["model_config"]["dtype"] == "bfloat16"  # so that a converted checkpoint rebuilds it so
+        assert load_hf.load(str(tmp_path))[1]["model_config"]["dtype"] == "float32"  # load's default
+        got, expected = model.eval()(idx), hf_model(idx).logits
+    diff = _llama_max_diff(got, expected)
+    print(f"{name}: bfloat16 max |logit difference| vs transformers in bfloat16 {diff:.2e}; "
+          f"vs float32: ours {_llama_max_diff(got, reference):.3f}, "
+          f"transformers {_llama_max_diff(expected, reference):.3f}"
+          f" (logits up to {reference.abs().max().item():.1f})")
+    assert diff < 0.1  # bf16 itself moves these logits by ~0.07 from float32; we match HF to 0.000
+
 
 _LLAMA_REAL_CONFIGS = {  # config.json of the published checkpoints (their transformers 4.x layout)
     "llama2-7b": dict(
@@ -917,77 +922,9 @@ def test_llama_bad_input_says_what_to_do(tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
-def _llama_tokenizer(folder, text):
-    """A small BPE trained on text with the tokenizers library, SentencePiece-style as Llama 2's ('▁'
-    marks a space; <s> starts each text, </s> ends it), saved into folder as transformers saves one."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
-    tok.train_from_iterator([text], trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    hf.save_pretrained(folder)
-    return hf
-
-
-def test_llama_folder_with_tokenizer_end_to_end(tmp_path, story):
-    """sample.py on a Llama folder with its own tokenizer; load_hf.py then sample.py on the checkpoint;
-    train.py continuing it; all give HF's greedy text."""
-    folder = tmp_path / "hf-llama"
-    tokenizer = _llama_tokenizer(folder, open(story).read())
-    config = LlamaConfig(**{**_LLAMA_SMALL, "vocab_size": len(tokenizer)}, bos_token_id=1, eos_token_id=2,
-                         **_LLAMA_HF_CONFIGS["llama2-gqa"][2])
-    theirs = _llama_randomize(LlamaForCausalLM(config), seed=6).eval()  # continues with a new word, whose
-    theirs.save_pretrained(folder)  # space a SentencePiece tokenizer drops when decoding it alone
-    prompt_ids = tokenizer("The painter looked at")["input_ids"]
-    assert prompt_ids[0] == 1  # <s>
-    new = theirs.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=12)[0, len(prompt_ids):]
-    expected = tokenizer.decode(prompt_ids + new.tolist(), skip_special_tokens=True) + "\n"
-    assert expected.startswith("The painter looked at ")
-
-    env, out = _hf_env(tmp_path), tmp_path / "out-llama"
-    # top_k=None: the default 200 is more than this tokenizer's 120 tokens
-    args = ["prompt=The painter looked at", "temperature=0", "max_new_tokens=12", "top_k=None"]
-    direct = subprocess.run([sys.executable, "sample.py", f"init_from={folder}", *args], cwd=HERE, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert direct.returncode == 0, direct.stderr
-    assert direct.stdout == expected  # streamed, with the spaces SentencePiece puts before words
-    convert = subprocess.run([sys.executable, "load_hf.py", str(folder), f"out_dir={out}"], cwd=HERE, env=env,
-                             capture_output=True, text=True, timeout=300)
-    assert convert.returncode == 0, convert.stderr
-    assert f"parameters (llama2, float32), saved as {out / 'ckpt.pt'}" in convert.stdout
-    assert torch.load(out / "ckpt.pt", weights_only=True)["tokenizer"] == "tokenizer"
-    assert os.path.isfile(out / "tokenizer" / "tokenizer.json")  # a copy: out-llama stands alone
-    os.rename(folder, tmp_path / "moved")
-    converted = subprocess.run([sys.executable, "sample.py", f"init_from={out}", *args], cwd=HERE, env=env,
-                               capture_output=True, text=True, timeout=300)
-    assert converted.returncode == 0, converted.stderr
-    assert converted.stdout == expected
-
-    trained = tmp_path / "trained"  # lr=0: the weights stay, the tokenizer goes along
-    train.main([f"init_from={out}", f"data={story}", f"out_dir={trained}", "device=cpu", "dtype=float32",
-                "epochs=1", "seq_len=32", "lr=0", "min_lr=0", "eval_iters=1", "prompt=The painter"])
-    assert os.path.isfile(trained / "tokenizer" / "tokenizer.json")
-    model, ckpt = sample.load_model(str(trained), "cpu")
-    assert ckpt["tokenizer"] == str(trained / "tokenizer")
-    tokenizer = common.load_tokenizer(ckpt["tokenizer"])
-    assert sample.complete(model.eval(), tokenizer, "The painter looked at", 12) + "\n" == expected
-
-    # and resumed: the model and the tokenizer come from the run's own checkpoint and folder
-    train.main(["init_from=resume", f"data={story}", f"out_dir={trained}", "device=cpu", "dtype=float32",
-                "epochs=2", "seq_len=32", "lr=0", "min_lr=0", "eval_iters=1", "prompt=The painter"])
-    resumed = torch.load(trained / "ckpt.pt", weights_only=True)
-    assert resumed["model_name"] == "llama2" and resumed["step"] == 2 * ckpt["step"] > 0
-    assert resumed["tokenizer"] == "tokenizer" and os.path.isfile(trained / "tokenizer" / "tokenizer.json")
-
-
-# ---- scaling: DDP, FSDP, resume, memmap
-
-_SCALE_TINY = ["config=tiny", "context_length=32", "dtype=float32", "device=cpu", "eval_iters=1", "lr=1e-3",
-               "warmup_steps=2"]
-
+# ===== 5. data/prepare.py: the token cache and the training windows ====================================
+# A corpus tokenized in pieces into a memmap gives the ids of the whole text; batches and the
+# book's sliding windows read from it equal those read from memory.
 
 def _scale_text():
     """A text with the things a tokenizer cut could trip on: numbers, punctuation, runs of spaces and
@@ -1004,15 +941,199 @@ def _scale_corpus(tmp_path):
     return str(path)
 
 
+def test_scale_memmap_batches_equal_in_memory_batches(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "PIECE_BYTES", 50)  # many pieces, so many cuts between them
+    tok = common.load_tokenizer("gpt2")
+    data = _scale_corpus(tmp_path)
+    prepare.tokenize_corpus(data, tok)
+    cache, dtype = prepare.token_cache(data, tok)
+    tokens = np.memmap(cache, dtype=dtype, mode="r")
+    ids = np.array(tok.encode(_scale_text()))  # the whole text, encoded at once, in memory
+    assert dtype == np.uint16 and np.array_equal(tokens, ids)
+
+    cfg = train.TrainConfig(batch_size=4, seed=7)
+    for cfg.max_iters in (100, 0):
+        for step in range(12):
+            starts = prepare.batch_starts(step, len(ids), 32, cfg)
+            for from_disk, from_memory in zip(prepare.get_batch(tokens, starts, 32), prepare.get_batch(ids, starts, 32)):
+                assert torch.equal(from_disk, from_memory)
+    # epochs: the book's sliding windows (unfold), each once per epoch, in a new order each epoch
+    windows = torch.from_numpy(ids).unfold(0, 33, 32)  # (n, t + 1)
+    per_epoch = len(windows) // 4
+    seen = [prepare.batch_starts(step, len(ids), 32, cfg) for step in range(2 * per_epoch)]
+    first, second = torch.cat(seen[:per_epoch]), torch.cat(seen[per_epoch:])
+    assert len(set(first.tolist())) == len(first) and not torch.equal(first, second)
+    x, y = prepare.get_batch(tokens, seen[3], 32)
+    assert torch.equal(x, windows[seen[3] // 32, :-1]) and torch.equal(y, windows[seen[3] // 32, 1:])
+    assert not torch.equal(prepare.batch_starts(0, len(ids), 32, train.TrainConfig(batch_size=4, seed=8)),
+                           seen[0])
+
+    # a folder: its .txt files, in order, joined by <|endoftext|>; tokenized again when one changes
+    folder = tmp_path / "books"
+    (folder / "part2").mkdir(parents=True)
+    (folder / "a.txt").write_text("First book. " * 40, encoding="utf-8")
+    (folder / "part2" / "b.txt").write_bytes(_scale_text()[:2000].replace("\n", "\r\n").encode())  # Windows
+    (folder / "notes.md").write_text("not part of the corpus")
+
+    def cached():
+        prepare.tokenize_corpus(str(folder), tok)
+        return np.fromfile(prepare.token_cache(str(folder), tok)[0], dtype=np.uint16)
+
+    assert np.array_equal(cached(), tok.encode("First book. " * 40 + "<|endoftext|>" + _scale_text()[:2000]))
+    (folder / "a.txt").write_text("Second edition. " * 40, encoding="utf-8")
+    assert np.array_equal(cached()[:5], tok.encode("Second edition. " * 40)[:5])
+    monkeypatch.setattr(prepare, "encode_in_order", None)  # unchanged: read from the cache
+    assert len(cached()) > 0
+
+
+# ===== 6. train.py: training runs, pretrained weights, resume, DDP and FSDP ============================
+# Short runs of the tiny preset in process; two processes under torchrun; a run killed while it
+# checkpoints.
+
+_SCALE_TINY = ["config=tiny", "context_length=32", "dtype=float32", "device=cpu", "eval_iters=1", "lr=1e-3",
+               "warmup_steps=2"]
+
+
+def _scale_ckpt(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
+
+
+# ---- training runs
+
+def test_train_errors_for_bad_data(tmp_path, story):
+    def train_on(path, *extra):
+        train.main(["config=tiny", f"data={path}", f"out_dir={tmp_path / 'out'}", "device=cpu", *extra])
+
+    with pytest.raises(UserError, match="not found"):
+        train_on(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(UserError, match="is empty"):
+        train_on(tmp_path / "empty.txt")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me ".encode("latin-1") * 50)
+    with pytest.raises(UserError, match="not UTF-8"):
+        train_on(tmp_path / "latin1.txt")
+    (tmp_path / "short.txt").write_text("Too short to make a window of 64 tokens. " * 3)
+    with pytest.raises(UserError, match="fewer than one window"):
+        train_on(tmp_path / "short.txt")
+    with pytest.raises(UserError, match="fewer than batch_size"):
+        train_on(story, "batch_size=64")
+    with pytest.raises(UserError, match="unknown config 'huge'"):
+        train_on(story, "config=huge")
+    with pytest.raises(UserError, match="device=tpu"):
+        train_on(story, "device=tpu")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="cannot write to out_dir"):
+        train.main(["config=tiny", f"data={story}", f"out_dir={blocker / 'out'}"])
+
+
+def test_tiny_model_loss_falls(tmp_path, story, capsys):
+    train.main(["config=tiny", f"data={story}", f"out_dir={tmp_path}", "epochs=4", "lr=3e-3",
+                "warmup_steps=2", "device=cpu", "dtype=float32", "batch_size=4"])
+    history = torch.load(tmp_path / "ckpt.pt", weights_only=True)["history"]
+    assert history["train"][-1] < history["train"][0] - 1.0
+    assert history["step_loss"][-1] < history["step_loss"][0] - 3.0
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert "epoch  4" in capsys.readouterr().out
+
+
+def test_hf_train_continues_pretrained_weights(tmp_path, story):
+    _, folder = _hf_save(tmp_path / "hf", **_HF_SMALL)
+
+    def run(*extra):
+        train.main([f"init_from={folder}", f"data={story}", f"out_dir={tmp_path / 'out'}", "device=cpu",
+                    "dtype=float32", "epochs=1", *extra])
+
+    for extra, message in [(["n_layers=4"], "n_layers=4 would change the architecture"),
+                           (["context_length=64"], "context_length=64 would change"),
+                           (["config=tiny"], "config=tiny picks a model to train from scratch"),
+                           (["seq_len=256"], "seq_len=256 is longer than the model's context_length=128"),
+                           (["--model", "gpt2", "lrr=1"], "did you mean 'lr'")]:
+        with pytest.raises(UserError, match=message):
+            run(*extra)
+    run("seq_len=64", "batch_size=4", "dropout=0", "flash=true", "lr=0", "min_lr=0", "weight_decay=0")
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["model_config"]["d_model"] == 64 and ckpt["model_config"]["flash"] is True
+    assert ckpt["train_config"]["init_from"] == folder and ckpt["train_config"]["seq_len"] == 64
+    pretrained, _ = load_hf.load(folder)
+    assert torch.equal(ckpt["model"]["blocks.1.mlp.up.weight"], pretrained.blocks[1].mlp.up.weight)  # lr=0
+
+
+def test_scale_init_from_a_checkpoint_starts_from_its_weights(tmp_path, one_thread):
+    data = _scale_corpus(tmp_path)
+    train.main([*_SCALE_TINY, f"data={data}", "max_iters=3", "n_layers=1", f"out_dir={tmp_path / 'a'}"])
+    # lr=0: the weights stay as loaded; the architecture (n_layers=1) comes from the checkpoint, and
+    # keys that say the same as it (context_length=32) may stay; config= may not
+    same = [arg for arg in _SCALE_TINY if not arg.startswith("config=")]
+    with pytest.raises(UserError, match="config=tiny picks a model to train from scratch"):
+        train.main([*_SCALE_TINY, f"data={data}", f"init_from={tmp_path / 'a'}", f"out_dir={tmp_path / 'b'}"])
+    train.main([*same, f"data={data}", "max_iters=1", "lr=0", f"init_from={tmp_path / 'a'}",
+                f"out_dir={tmp_path / 'b'}"])
+    a, b = _scale_ckpt(tmp_path / "a"), _scale_ckpt(tmp_path / "b")
+    assert b["model_config"]["n_layers"] == 1 and b["step"] == 1  # a new run: fresh optimizer and schedule
+    assert all(torch.equal(a["model"][name], weight) for name, weight in b["model"].items())
+
+
+def test_scale_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, one_thread):
+    loss_fn, calls = train.loss_fn, []
+
+    def blows_up_at_step_5(model, x, y):
+        calls.append(model.training)
+        return loss_fn(model, x, y) * (float("nan") if calls.count(True) >= 5 else 1.0)
+
+    monkeypatch.setattr(train, "loss_fn", blows_up_at_step_5)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"the loss became nan at step 5: .*ckpt.pt from step 4 is kept; lower lr"):
+        train.main([*_SCALE_TINY, f"data={_scale_corpus(tmp_path)}", "max_iters=10", "ckpt_interval=2",
+                    "eval_interval=100", f"out_dir={out}"])
+    assert _scale_ckpt(out)["step"] == 4
+
+
+def test_scale_bad_input_says_what_to_do(tmp_path, one_thread):
+    data = _scale_corpus(tmp_path)
+    base = [*_SCALE_TINY, f"data={data}", f"out_dir={tmp_path / 'out'}", "max_iters=1"]
+    with pytest.raises(UserError, match="launch with torchrun --nproc_per_node=N"):
+        train.main([*base, "fsdp=true"])
+    with pytest.raises(UserError, match="batch_size=4 does not split evenly .* grad_accum=3"):
+        train.main([*base, "batch_size=4", "grad_accum=3"])
+    with pytest.raises(UserError, match="init_from=resume found no checkpoint"):
+        train.main([*base, "init_from=resume"])
+    with pytest.raises(UserError, match="no checkpoint at /no/such/run"):
+        train.main([*base, "init_from=/no/such/run"])
+    train.main([*base, "n_layers=1"])
+    with pytest.raises(UserError, match="holds a gpt2 model with n_layers=1, not the gpt2 model this command"):
+        train.main([*base, "init_from=resume"])  # 2 layers, the tiny preset's
+    (tmp_path / "short.txt").write_text("Far too short for a window. " * 5)
+    with pytest.raises(UserError, match="fewer than one window"):
+        train.main([*base, f"data={tmp_path / 'short.txt'}"])
+    (tmp_path / "no-text").mkdir()
+    with pytest.raises(UserError, match="holds no .txt files"):
+        train.main([*base, f"data={tmp_path / 'no-text'}"])
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match="cannot write to out_dir"):
+        train.main([*base, f"out_dir={tmp_path / 'a-file' / 'out'}"])
+
+
+def test_scale_bad_input_gives_one_line_and_status_2(tmp_path):
+    data = _scale_corpus(tmp_path)
+    base = [*_SCALE_TINY, f"data={data}", f"out_dir={tmp_path / 'out'}", "max_iters=1"]
+    for args in (["fsdp=true"], ["init_from=resume"]):
+        result = run_script("train.py", *base, *args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    # under torchrun, process 0 says it once, before torchrun reports the failed processes its own way
+    result = _scale_torchrun(*base, "batch_size=3")
+    assert result.returncode != 0
+    assert result.stderr.count("train.py: batch_size=3 does not split evenly into 2 process(es)") == 1
+
+
+# ---- scale: DDP, FSDP, resume
+
 def _scale_torchrun(*args):
     """train.py in 2 processes with the gloo backend, as torchrun --standalone picks a free port."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train.py", *args], cwd=HERE, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def _scale_ckpt(out_dir):
-    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -1131,217 +1252,143 @@ def test_scale_sigkill_while_checkpointing_leaves_a_resumable_checkpoint(tmp_pat
     assert [line["step"] for line in log if "loss" in line] == list(range(1, 31))
 
 
-def test_scale_memmap_batches_equal_in_memory_batches(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "PIECE_BYTES", 50)  # many pieces, so many cuts between them
-    tok = common.load_tokenizer("gpt2")
-    data = _scale_corpus(tmp_path)
-    prepare.tokenize_corpus(data, tok)
-    cache, dtype = prepare.token_cache(data, tok)
-    tokens = np.memmap(cache, dtype=dtype, mode="r")
-    ids = np.array(tok.encode(_scale_text()))  # the whole text, encoded at once, in memory
-    assert dtype == np.uint16 and np.array_equal(tokens, ids)
+# ===== 7. End to end: the scripts in subprocesses, as a user runs them =================================
+# train.py then sample.py; load_hf.py then sample.py; a Llama folder with its own tokenizer.
 
-    cfg = train.TrainConfig(batch_size=4, seed=7)
-    for cfg.max_iters in (100, 0):
-        for step in range(12):
-            starts = prepare.batch_starts(step, len(ids), 32, cfg)
-            for from_disk, from_memory in zip(prepare.get_batch(tokens, starts, 32), prepare.get_batch(ids, starts, 32)):
-                assert torch.equal(from_disk, from_memory)
-    # epochs: the book's sliding windows (unfold), each once per epoch, in a new order each epoch
-    windows = torch.from_numpy(ids).unfold(0, 33, 32)  # (n, t + 1)
-    per_epoch = len(windows) // 4
-    seen = [prepare.batch_starts(step, len(ids), 32, cfg) for step in range(2 * per_epoch)]
-    first, second = torch.cat(seen[:per_epoch]), torch.cat(seen[per_epoch:])
-    assert len(set(first.tolist())) == len(first) and not torch.equal(first, second)
-    x, y = prepare.get_batch(tokens, seen[3], 32)
-    assert torch.equal(x, windows[seen[3] // 32, :-1]) and torch.equal(y, windows[seen[3] // 32, 1:])
-    assert not torch.equal(prepare.batch_starts(0, len(ids), 32, train.TrainConfig(batch_size=4, seed=8)),
-                           seen[0])
-
-    # a folder: its .txt files, in order, joined by <|endoftext|>; tokenized again when one changes
-    folder = tmp_path / "books"
-    (folder / "part2").mkdir(parents=True)
-    (folder / "a.txt").write_text("First book. " * 40, encoding="utf-8")
-    (folder / "part2" / "b.txt").write_bytes(_scale_text()[:2000].replace("\n", "\r\n").encode())  # Windows
-    (folder / "notes.md").write_text("not part of the corpus")
-
-    def cached():
-        prepare.tokenize_corpus(str(folder), tok)
-        return np.fromfile(prepare.token_cache(str(folder), tok)[0], dtype=np.uint16)
-
-    assert np.array_equal(cached(), tok.encode("First book. " * 40 + "<|endoftext|>" + _scale_text()[:2000]))
-    (folder / "a.txt").write_text("Second edition. " * 40, encoding="utf-8")
-    assert np.array_equal(cached()[:5], tok.encode("Second edition. " * 40)[:5])
-    monkeypatch.setattr(prepare, "encode_in_order", None)  # unchanged: read from the cache
-    assert len(cached()) > 0
-
-
-def test_scale_init_from_a_checkpoint_starts_from_its_weights(tmp_path, one_thread):
-    data = _scale_corpus(tmp_path)
-    train.main([*_SCALE_TINY, f"data={data}", "max_iters=3", "n_layers=1", f"out_dir={tmp_path / 'a'}"])
-    # lr=0: the weights stay as loaded; the architecture (n_layers=1) comes from the checkpoint, and
-    # keys that say the same as it (context_length=32) may stay; config= may not
-    same = [arg for arg in _SCALE_TINY if not arg.startswith("config=")]
-    with pytest.raises(UserError, match="config=tiny picks a model to train from scratch"):
-        train.main([*_SCALE_TINY, f"data={data}", f"init_from={tmp_path / 'a'}", f"out_dir={tmp_path / 'b'}"])
-    train.main([*same, f"data={data}", "max_iters=1", "lr=0", f"init_from={tmp_path / 'a'}",
-                f"out_dir={tmp_path / 'b'}"])
-    a, b = _scale_ckpt(tmp_path / "a"), _scale_ckpt(tmp_path / "b")
-    assert b["model_config"]["n_layers"] == 1 and b["step"] == 1  # a new run: fresh optimizer and schedule
-    assert all(torch.equal(a["model"][name], weight) for name, weight in b["model"].items())
-
-
-def test_scale_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, one_thread):
-    loss_fn, calls = train.loss_fn, []
-
-    def blows_up_at_step_5(model, x, y):
-        calls.append(model.training)
-        return loss_fn(model, x, y) * (float("nan") if calls.count(True) >= 5 else 1.0)
-
-    monkeypatch.setattr(train, "loss_fn", blows_up_at_step_5)
+def test_train_then_sample_end_to_end(tmp_path, story):
     out = tmp_path / "out"
-    with pytest.raises(UserError, match=r"the loss became nan at step 5: .*ckpt.pt from step 4 is kept; lower lr"):
-        train.main([*_SCALE_TINY, f"data={_scale_corpus(tmp_path)}", "max_iters=10", "ckpt_interval=2",
-                    "eval_interval=100", f"out_dir={out}"])
-    assert _scale_ckpt(out)["step"] == 4
+    result = run_script("train.py", "--model", "gpt2", "config=tiny", "epochs=1", f"data={story}",
+                        f"out_dir={out}", "device=cpu")
+    assert result.returncode == 0, result.stderr
+    assert "train loss" in result.stdout and "val loss" in result.stdout
+    assert (out / "ckpt.pt").exists() and (out / "loss.png").exists()
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["model_name"] == "gpt2" and ckpt["tokenizer"] == "gpt2"
+    assert ckpt["model_config"]["n_layers"] == 2 and ckpt["train_config"]["epochs"] == 1
+
+    result = run_script("sample.py", f"init_from={out}", "prompt=The painter", "max_new_tokens=12",
+                        "seed=7")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The painter") and "tokens/s" in result.stderr
+    again = run_script("sample.py", f"init_from={out}", "prompt=The painter", "max_new_tokens=12",
+                       "seed=7")
+    assert again.stdout == result.stdout  # same seed, same text
+
+    batch = run_script("sample.py", f"init_from={out}", "num_samples=3", "max_new_tokens=5",
+                       "temperature=0", f"prompt={'word ' * 100}")
+    assert batch.returncode == 0, batch.stderr
+    assert batch.stdout.count("--- sample") == 3
+    assert "only its last 64 tokens are used" in batch.stderr  # a long prompt is cropped, with a note
 
 
-def test_scale_bad_input_says_what_to_do(tmp_path, one_thread):
-    data = _scale_corpus(tmp_path)
-    base = [*_SCALE_TINY, f"data={data}", f"out_dir={tmp_path / 'out'}", "max_iters=1"]
-    with pytest.raises(UserError, match="launch with torchrun --nproc_per_node=N"):
-        train.main([*base, "fsdp=true"])
-    with pytest.raises(UserError, match="batch_size=4 does not split evenly .* grad_accum=3"):
-        train.main([*base, "batch_size=4", "grad_accum=3"])
-    with pytest.raises(UserError, match="init_from=resume found no checkpoint"):
-        train.main([*base, "init_from=resume"])
-    with pytest.raises(UserError, match="no checkpoint at /no/such/run"):
-        train.main([*base, "init_from=/no/such/run"])
-    train.main([*base, "n_layers=1"])
-    with pytest.raises(UserError, match="holds a gpt2 model with n_layers=1, not the gpt2 model this command"):
-        train.main([*base, "init_from=resume"])  # 2 layers, the tiny preset's
-    (tmp_path / "short.txt").write_text("Far too short for a window. " * 5)
-    with pytest.raises(UserError, match="fewer than one window"):
-        train.main([*base, f"data={tmp_path / 'short.txt'}"])
-    (tmp_path / "no-text").mkdir()
-    with pytest.raises(UserError, match="holds no .txt files"):
-        train.main([*base, f"data={tmp_path / 'no-text'}"])
-    (tmp_path / "a-file").write_text("")
-    with pytest.raises(UserError, match="cannot write to out_dir"):
-        train.main([*base, f"out_dir={tmp_path / 'a-file' / 'out'}"])
+@pytest.mark.parametrize("script, args, message", [
+    ("train.py", ["--model", "no_such_model"], "unknown model"),
+    ("train.py", ["no_such_key=1"], "unknown key"),
+    ("train.py", ["epochs=abc"], "expected a whole number"),
+    ("sample.py", ["init_from=/no/such/dir"], "no checkpoint at"),
+    ("sample.py", ["top_k=0"], "top_k=0"),
+    ("sample.py", ["temperature=-1"], "negative"),
+    ("sample.py", ["top_p=1.5"], "top_p=1.5"),
+])
+def test_bad_input_gives_one_line_and_status_2(tmp_path, script, args, message):
+    if script == "sample.py" and not args[0].startswith("init_from"):  # needs a checkpoint to get there
+        model = tiny_gpt2(n_layers=1)
+        common.save_checkpoint({"model": model.state_dict(), "model_name": "gpt2",
+                               "model_config": model.cfg.__dict__, "tokenizer": "gpt2"},
+                              str(tmp_path / "ckpt.pt"))
+        args = [*args, f"init_from={tmp_path}"]
+    result = run_script(script, *args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
 
 
-def test_scale_bad_input_gives_one_line_and_status_2(tmp_path):
-    data = _scale_corpus(tmp_path)
-    base = [*_SCALE_TINY, f"data={data}", f"out_dir={tmp_path / 'out'}", "max_iters=1"]
-    for args in (["fsdp=true"], ["init_from=resume"]):
-        result = run_script("train.py", *base, *args)
-        assert result.returncode == 2 and "Traceback" not in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
-    # under torchrun, process 0 says it once, before torchrun reports the failed processes its own way
-    result = _scale_torchrun(*base, "batch_size=3")
-    assert result.returncode != 0
-    assert result.stderr.count("train.py: batch_size=3 does not split evenly into 2 process(es)") == 1
+def test_hf_convert_then_sample_in_subprocesses(tmp_path, capsys):
+    _, folder = _hf_save(tmp_path / "hf", **_HF_SMALL)
+    env, out = _hf_env(tmp_path), tmp_path / "converted"
+    convert = subprocess.run([sys.executable, "load_hf.py", folder, f"out_dir={out}"], cwd=HERE, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert convert.returncode == 0, convert.stderr
+    assert "3,324,736 parameters (gpt2, float32)" in convert.stdout and f"init_from={out}" in convert.stdout
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["model_name"] == "gpt2" and ckpt["model_config"]["n_layers"] == 2
+    args = ["prompt=The painter", "temperature=0", "max_new_tokens=8"]
+    converted = subprocess.run([sys.executable, "sample.py", f"init_from={out}", *args], cwd=HERE, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert converted.returncode == 0, converted.stderr
+    sample.main([f"init_from={folder}", *args])  # the Hugging Face folder directly: the same text
+    assert capsys.readouterr().out == converted.stdout and converted.stdout.startswith("The painter")
+
+    for script in ("sample.py", "train.py"):
+        offline = subprocess.run([sys.executable, script, "init_from=gpt2"], cwd=HERE, env=env,
+                                 capture_output=True, text=True, timeout=300)
+        assert offline.returncode == 2 and "Traceback" not in offline.stderr
+        assert offline.stderr.strip().splitlines() == [
+            f"{script}: cannot reach the Hugging Face hub for 'gpt2' (offline?): download it elsewhere and "
+            f"pass the folder, init_from=path/to/folder"]
 
 
-# ---- fast paths -------------------------------------------------------------------------------
-# What bench.py measures must compute what the readable path computes: the KV cache (with a cache
-# reused across calls), flash attention, logits of the last position only, and torch.compile as
-# sample.py compile=true sets it up; for all three models, batches of 1 and 3, past the context.
-
-_FAST_SMALL = dict(vocab_size=96, context_length=16, d_model=32, n_layers=2, n_heads=4)
-_FAST_LLAMA = dict(_FAST_SMALL, d_ff=64, dtype="float32")
-_FAST_MODELS = {  # name: (module, Config overrides)
-    "gpt2": (gpt2, _FAST_SMALL),
-    "llama2": (llama2, dict(_FAST_LLAMA, n_kv_heads=4)),
-    "llama3-gqa": (llama3, dict(_FAST_LLAMA, n_kv_heads=2)),
-    "llama3.1-scaled-mqa": (llama3, dict(_FAST_LLAMA, n_kv_heads=1, rope_factor=8.0,
-                                         rope_original_context=8)),
-}
-
-
-def _fast_model(name, flash=False):
-    """A small random model; weights large enough that attention is far from uniform."""
-    module, overrides = _FAST_MODELS[name]
-    torch.manual_seed(0)
-    model = module.Transformer(module.Config(**overrides, flash=flash)).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1.0 + 0.2 * noise if "norm.weight" in pname else 0.2 * noise)
-    return model
+def _llama_tokenizer(folder, text):
+    """A small BPE trained on text with the tokenizers library, SentencePiece-style as Llama 2's ('▁'
+    marks a space; <s> starts each text, </s> ends it), saved into folder as transformers saves one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator([text], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    hf.save_pretrained(folder)
+    return hf
 
 
-def _fast_ids(batch, length, seed=2):
-    return torch.randint(0, _FAST_SMALL["vocab_size"], (batch, length),
-                         generator=torch.Generator().manual_seed(seed))
+def test_llama_folder_with_tokenizer_end_to_end(tmp_path, story):
+    """sample.py on a Llama folder with its own tokenizer; load_hf.py then sample.py on the checkpoint;
+    train.py continuing it; all give HF's greedy text."""
+    folder = tmp_path / "hf-llama"
+    tokenizer = _llama_tokenizer(folder, open(story).read())
+    config = LlamaConfig(**{**_LLAMA_SMALL, "vocab_size": len(tokenizer)}, bos_token_id=1, eos_token_id=2,
+                         **_LLAMA_HF_CONFIGS["llama2-gqa"][2])
+    theirs = _llama_randomize(LlamaForCausalLM(config), seed=6).eval()  # continues with a new word, whose
+    theirs.save_pretrained(folder)  # space a SentencePiece tokenizer drops when decoding it alone
+    prompt_ids = tokenizer("The painter looked at")["input_ids"]
+    assert prompt_ids[0] == 1  # <s>
+    new = theirs.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=12)[0, len(prompt_ids):]
+    expected = tokenizer.decode(prompt_ids + new.tolist(), skip_special_tokens=True) + "\n"
+    assert expected.startswith("The painter looked at ")
 
+    env, out = _hf_env(tmp_path), tmp_path / "out-llama"
+    # top_k=None: the default 200 is more than this tokenizer's 120 tokens
+    args = ["prompt=The painter looked at", "temperature=0", "max_new_tokens=12", "top_k=None"]
+    direct = subprocess.run([sys.executable, "sample.py", f"init_from={folder}", *args], cwd=HERE, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert direct.returncode == 0, direct.stderr
+    assert direct.stdout == expected  # streamed, with the spaces SentencePiece puts before words
+    convert = subprocess.run([sys.executable, "load_hf.py", str(folder), f"out_dir={out}"], cwd=HERE, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert convert.returncode == 0, convert.stderr
+    assert f"parameters (llama2, float32), saved as {out / 'ckpt.pt'}" in convert.stdout
+    assert torch.load(out / "ckpt.pt", weights_only=True)["tokenizer"] == "tokenizer"
+    assert os.path.isfile(out / "tokenizer" / "tokenizer.json")  # a copy: out-llama stands alone
+    os.rename(folder, tmp_path / "moved")
+    converted = subprocess.run([sys.executable, "sample.py", f"init_from={out}", *args], cwd=HERE, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert converted.returncode == 0, converted.stderr
+    assert converted.stdout == expected
 
-def _fast_greedy(model, idx, n, use_cache=True):
-    return torch.stack(list(sample.generate(model, idx, n, use_cache=use_cache)), dim=1)
+    trained = tmp_path / "trained"  # lr=0: the weights stay, the tokenizer goes along
+    train.main([f"init_from={out}", f"data={story}", f"out_dir={trained}", "device=cpu", "dtype=float32",
+                "epochs=1", "seq_len=32", "lr=0", "min_lr=0", "eval_iters=1", "prompt=The painter"])
+    assert os.path.isfile(trained / "tokenizer" / "tokenizer.json")
+    model, ckpt = sample.load_model(str(trained), "cpu")
+    assert ckpt["tokenizer"] == str(trained / "tokenizer")
+    tokenizer = common.load_tokenizer(ckpt["tokenizer"])
+    assert sample.complete(model.eval(), tokenizer, "The painter looked at", 12) + "\n" == expected
 
-
-@pytest.mark.parametrize("name", list(_FAST_MODELS))
-@pytest.mark.parametrize("flash", [False, True])
-@pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.usefixtures("one_thread")
-def test_fast_cached_last_only_logits_match_full_sequence(name, flash, batch):
-    reference = _fast_model(name)  # einsum attention, whole sequence, every position
-    model = _fast_model(name, flash)
-    idx = _fast_ids(batch, 16)
-    with torch.no_grad():
-        full = reference(idx)
-        last = model(idx, last_only=True)
-        assert last.shape == (batch, 1, full.shape[-1])
-        assert (last[:, 0] - full[:, -1]).abs().max() < 1e-5
-        model.setup_cache(batch, 16)
-        steps = [model(idx[:, :5], start_pos=0, use_cache=True, last_only=True)]  # prefill, then token by token
-        steps += [model(idx[:, i:i + 1], start_pos=i, use_cache=True, last_only=True) for i in range(5, 16)]
-    assert (torch.cat(steps, dim=1) - full[:, 4:]).abs().max() < 1e-4
-
-
-@pytest.mark.parametrize("name", list(_FAST_MODELS))
-@pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.usefixtures("one_thread")
-def test_fast_greedy_ids_identical_past_the_context(name, batch):
-    idx = _fast_ids(batch, 6)  # 6 + 30 tokens: the 16-token window slides 20 times
-    expected = _fast_greedy(_fast_model(name), idx, 30, use_cache=False)  # the readable path
-    for flash in (False, True):
-        model = _fast_model(name, flash)
-        assert torch.equal(_fast_greedy(model, idx, 30), expected), flash
-        assert torch.equal(_fast_greedy(model, idx, 30, use_cache=False), expected), flash
-
-
-@pytest.mark.parametrize("name", ["gpt2", "llama3-gqa"])
-@pytest.mark.usefixtures("one_thread")
-def test_fast_reused_cache_reads_nothing_stale(name):
-    model = _fast_model(name)
-    a, b = _fast_ids(3, 6, seed=3), _fast_ids(3, 6, seed=4)
-    _fast_greedy(model, a, 8)  # fills a cache of 3 x 14 positions...
-    cache = model.blocks[0].attn.cache
-    assert torch.equal(_fast_greedy(model, b, 8), _fast_greedy(_fast_model(name), b, 8))
-    assert model.blocks[0].attn.cache is cache  # ...which the second prompt reused
-    assert torch.equal(_fast_greedy(model, b[:1], 8), _fast_greedy(_fast_model(name), b[:1], 8))
-    assert model.blocks[0].attn.cache.k.shape[0] == 1  # another batch size: a new cache
-
-
-# llama2.py's attention and forward are llama3.py's line for line; compiling costs seconds a model
-@pytest.mark.parametrize("name", ["gpt2", "llama3.1-scaled-mqa"])
-@pytest.mark.usefixtures("one_thread")
-def test_fast_compiled_decoding_matches_eager(name):
-    import torch._inductor.config
-    with torch._inductor.config.patch(freezing=False):  # restored after: compile_for_decoding sets it
-        model = _fast_model(name)
-        idx = _fast_ids(3, 6)
-        expected = _fast_greedy(model, idx, 14, use_cache=False)  # 6 + 14 tokens: past the context
-        compiled = sample.compile_for_decoding(_fast_model(name))
-        assert torch.equal(_fast_greedy(compiled, idx, 14), expected)
-        with torch.no_grad():
-            full = model(idx)
-            compiled.setup_cache(3, 16)  # the size generate used: a new size would compile again
-            prefill = compiled(idx[:, :5], start_pos=0, use_cache=True, last_only=True)
-            step = compiled(idx[:, 5:], start_pos=5, use_cache=True, last_only=True)
-        assert (prefill[:, 0] - full[:, 4]).abs().max() < 1e-4
-        assert (step[:, 0] - full[:, 5]).abs().max() < 1e-4
-    assert torch._inductor.config.freezing is False
+    # and resumed: the model and the tokenizer come from the run's own checkpoint and folder
+    train.main(["init_from=resume", f"data={story}", f"out_dir={trained}", "device=cpu", "dtype=float32",
+                "epochs=2", "seq_len=32", "lr=0", "min_lr=0", "eval_iters=1", "prompt=The painter"])
+    resumed = torch.load(trained / "ckpt.pt", weights_only=True)
+    assert resumed["model_name"] == "llama2" and resumed["step"] == 2 * ckpt["step"] > 0
+    assert resumed["tokenizer"] == "tokenizer" and os.path.isfile(trained / "tokenizer" / "tokenizer.json")
