@@ -926,7 +926,7 @@ def test_llama_bad_input_says_what_to_do(tmp_path):
 # A corpus tokenized in pieces into a memmap gives the ids of the whole text; batches and the
 # book's sliding windows read from it equal those read from memory.
 
-def _scale_text():
+def _corpus_text():
     """A text with the things a tokenizer cut could trip on: numbers, punctuation, runs of spaces and
     newlines, contractions, accents, <|endoftext|>."""
     lines = ["The painter sat by the window, and looked at the sea.", "Every effort moves you 1234 steps",
@@ -935,20 +935,21 @@ def _scale_text():
     return "\n".join(lines[i % len(lines)] + f" {i}" * (i % 3) for i in range(400))
 
 
-def _scale_corpus(tmp_path):
+def _corpus_file(tmp_path):
+    """_corpus_text in tmp_path/corpus.txt; the training runs of section 6 use it too."""
     path = tmp_path / "corpus.txt"
-    path.write_text(_scale_text(), encoding="utf-8")
+    path.write_text(_corpus_text(), encoding="utf-8")
     return str(path)
 
 
-def test_scale_memmap_batches_equal_in_memory_batches(tmp_path, monkeypatch):
+def test_memmap_batches_equal_in_memory_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "PIECE_BYTES", 50)  # many pieces, so many cuts between them
     tok = common.load_tokenizer("gpt2")
-    data = _scale_corpus(tmp_path)
+    data = _corpus_file(tmp_path)
     prepare.tokenize_corpus(data, tok)
     cache, dtype = prepare.token_cache(data, tok)
     tokens = np.memmap(cache, dtype=dtype, mode="r")
-    ids = np.array(tok.encode(_scale_text()))  # the whole text, encoded at once, in memory
+    ids = np.array(tok.encode(_corpus_text()))  # the whole text, encoded at once, in memory
     assert dtype == np.uint16 and np.array_equal(tokens, ids)
 
     cfg = train.TrainConfig(batch_size=4, seed=7)
@@ -972,14 +973,14 @@ def test_scale_memmap_batches_equal_in_memory_batches(tmp_path, monkeypatch):
     folder = tmp_path / "books"
     (folder / "part2").mkdir(parents=True)
     (folder / "a.txt").write_text("First book. " * 40, encoding="utf-8")
-    (folder / "part2" / "b.txt").write_bytes(_scale_text()[:2000].replace("\n", "\r\n").encode())  # Windows
+    (folder / "part2" / "b.txt").write_bytes(_corpus_text()[:2000].replace("\n", "\r\n").encode())  # Windows
     (folder / "notes.md").write_text("not part of the corpus")
 
     def cached():
         prepare.tokenize_corpus(str(folder), tok)
         return np.fromfile(prepare.token_cache(str(folder), tok)[0], dtype=np.uint16)
 
-    assert np.array_equal(cached(), tok.encode("First book. " * 40 + "<|endoftext|>" + _scale_text()[:2000]))
+    assert np.array_equal(cached(), tok.encode("First book. " * 40 + "<|endoftext|>" + _corpus_text()[:2000]))
     (folder / "a.txt").write_text("Second edition. " * 40, encoding="utf-8")
     assert np.array_equal(cached()[:5], tok.encode("Second edition. " * 40)[:5])
     monkeypatch.setattr(prepare, "encode_in_order", None)  # unchanged: read from the cache
@@ -990,11 +991,12 @@ def test_scale_memmap_batches_equal_in_memory_batches(tmp_path, monkeypatch):
 # Short runs of the tiny preset in process; two processes under torchrun; a run killed while it
 # checkpoints.
 
-_SCALE_TINY = ["config=tiny", "context_length=32", "dtype=float32", "device=cpu", "eval_iters=1", "lr=1e-3",
-               "warmup_steps=2"]
+# a run of seconds: the tiny preset (2 layers) with 32-token windows, on the CPU in float32
+_TINY_RUN = ["config=tiny", "context_length=32", "dtype=float32", "device=cpu", "eval_iters=1", "lr=1e-3",
+             "warmup_steps=2"]
 
 
-def _scale_ckpt(out_dir):
+def _read_ckpt(out_dir):
     return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
 
 
@@ -1059,22 +1061,22 @@ def test_hf_train_continues_pretrained_weights(tmp_path, story):
     assert torch.equal(ckpt["model"]["blocks.1.mlp.up.weight"], pretrained.blocks[1].mlp.up.weight)  # lr=0
 
 
-def test_scale_init_from_a_checkpoint_starts_from_its_weights(tmp_path, one_thread):
-    data = _scale_corpus(tmp_path)
-    train.main([*_SCALE_TINY, f"data={data}", "max_iters=3", "n_layers=1", f"out_dir={tmp_path / 'a'}"])
+def test_init_from_a_checkpoint_starts_from_its_weights(tmp_path, one_thread):
+    data = _corpus_file(tmp_path)
+    train.main([*_TINY_RUN, f"data={data}", "max_iters=3", "n_layers=1", f"out_dir={tmp_path / 'a'}"])
     # lr=0: the weights stay as loaded; the architecture (n_layers=1) comes from the checkpoint, and
     # keys that say the same as it (context_length=32) may stay; config= may not
-    same = [arg for arg in _SCALE_TINY if not arg.startswith("config=")]
+    same = [arg for arg in _TINY_RUN if not arg.startswith("config=")]
     with pytest.raises(UserError, match="config=tiny picks a model to train from scratch"):
-        train.main([*_SCALE_TINY, f"data={data}", f"init_from={tmp_path / 'a'}", f"out_dir={tmp_path / 'b'}"])
+        train.main([*_TINY_RUN, f"data={data}", f"init_from={tmp_path / 'a'}", f"out_dir={tmp_path / 'b'}"])
     train.main([*same, f"data={data}", "max_iters=1", "lr=0", f"init_from={tmp_path / 'a'}",
                 f"out_dir={tmp_path / 'b'}"])
-    a, b = _scale_ckpt(tmp_path / "a"), _scale_ckpt(tmp_path / "b")
+    a, b = _read_ckpt(tmp_path / "a"), _read_ckpt(tmp_path / "b")
     assert b["model_config"]["n_layers"] == 1 and b["step"] == 1  # a new run: fresh optimizer and schedule
     assert all(torch.equal(a["model"][name], weight) for name, weight in b["model"].items())
 
 
-def test_scale_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, one_thread):
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, one_thread):
     loss_fn, calls = train.loss_fn, []
 
     def blows_up_at_step_5(model, x, y):
@@ -1084,14 +1086,14 @@ def test_scale_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, mon
     monkeypatch.setattr(train, "loss_fn", blows_up_at_step_5)
     out = tmp_path / "out"
     with pytest.raises(UserError, match=r"the loss became nan at step 5: .*ckpt.pt from step 4 is kept; lower lr"):
-        train.main([*_SCALE_TINY, f"data={_scale_corpus(tmp_path)}", "max_iters=10", "ckpt_interval=2",
+        train.main([*_TINY_RUN, f"data={_corpus_file(tmp_path)}", "max_iters=10", "ckpt_interval=2",
                     "eval_interval=100", f"out_dir={out}"])
-    assert _scale_ckpt(out)["step"] == 4
+    assert _read_ckpt(out)["step"] == 4
 
 
 def test_scale_bad_input_says_what_to_do(tmp_path, one_thread):
-    data = _scale_corpus(tmp_path)
-    base = [*_SCALE_TINY, f"data={data}", f"out_dir={tmp_path / 'out'}", "max_iters=1"]
+    data = _corpus_file(tmp_path)
+    base = [*_TINY_RUN, f"data={data}", f"out_dir={tmp_path / 'out'}", "max_iters=1"]
     with pytest.raises(UserError, match="launch with torchrun --nproc_per_node=N"):
         train.main([*base, "fsdp=true"])
     with pytest.raises(UserError, match="batch_size=4 does not split evenly .* grad_accum=3"):
@@ -1115,8 +1117,8 @@ def test_scale_bad_input_says_what_to_do(tmp_path, one_thread):
 
 
 def test_scale_bad_input_gives_one_line_and_status_2(tmp_path):
-    data = _scale_corpus(tmp_path)
-    base = [*_SCALE_TINY, f"data={data}", f"out_dir={tmp_path / 'out'}", "max_iters=1"]
+    data = _corpus_file(tmp_path)
+    base = [*_TINY_RUN, f"data={data}", f"out_dir={tmp_path / 'out'}", "max_iters=1"]
     for args in (["fsdp=true"], ["init_from=resume"]):
         result = run_script("train.py", *base, *args)
         assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -1140,13 +1142,13 @@ def _scale_torchrun(*args):
 def _scale_one_process(tmp_path_factory):
     """The reference: one process, the step's batch of 4 windows as 2 micro-batches of 2."""
     tmp = tmp_path_factory.mktemp("scale")
-    data = _scale_corpus(tmp)
-    args = [*_SCALE_TINY, f"data={data}", "max_iters=4", "batch_size=4", "eval_interval=2"]
+    data = _corpus_file(tmp)
+    args = [*_TINY_RUN, f"data={data}", "max_iters=4", "batch_size=4", "eval_interval=2"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     train.main([*args, "grad_accum=2", f"out_dir={tmp / 'one'}"])
     torch.set_num_threads(threads)
-    return args, _scale_ckpt(tmp / "one"), tmp
+    return args, _read_ckpt(tmp / "one"), tmp
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -1156,7 +1158,7 @@ def test_scale_two_processes_match_one_process(_scale_one_process, mode):
     result = _scale_torchrun(*args, "grad_accum=1", f"fsdp={mode == 'fsdp'}", f"out_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("step     4  train loss") == 1  # only process 0 prints
-    ckpt = _scale_ckpt(out)
+    ckpt = _read_ckpt(out)
     for key in ("step_loss", "train", "val"):
         assert len(ckpt["history"][key]) == len(reference["history"][key])
         assert max(abs(a - b) for a, b in zip(ckpt["history"][key], reference["history"][key])) < 1e-5
@@ -1175,12 +1177,12 @@ class _ScaleStop(Exception):
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("mode", ["max_iters", "epochs"])
 def test_scale_resume_is_exact(tmp_path, monkeypatch, mode):
-    data = _scale_corpus(tmp_path)
+    data = _corpus_file(tmp_path)
     # dropout on, so the random state must be restored too; epochs: the stop falls inside an epoch
     run = ["max_iters=8"] if mode == "max_iters" else ["epochs=3", "batch_size=2", "stride=1000"]
-    args = [*_SCALE_TINY, f"data={data}", "dropout=0.1", "eval_interval=3", "ckpt_interval=4", *run]
+    args = [*_TINY_RUN, f"data={data}", "dropout=0.1", "eval_interval=3", "ckpt_interval=4", *run]
     train.main([*args, f"out_dir={tmp_path / 'whole'}"])
-    whole = _scale_ckpt(tmp_path / "whole")
+    whole = _read_ckpt(tmp_path / "whole")
 
     save = common.save_checkpoint
 
@@ -1191,12 +1193,12 @@ def test_scale_resume_is_exact(tmp_path, monkeypatch, mode):
     monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
     with pytest.raises(_ScaleStop):
         train.main([*args, f"out_dir={tmp_path / 'halves'}"])
-    assert _scale_ckpt(tmp_path / "halves")["step"] == 4
+    assert _read_ckpt(tmp_path / "halves")["step"] == 4
     monkeypatch.setattr(train, "save_checkpoint", save)
     if mode == "max_iters":  # without the preset and model keys: the model comes from the checkpoint
         args = [arg for arg in args if arg.split("=")[0] not in ("config", "context_length", "dropout")]
     train.main([*args, "init_from=resume", f"out_dir={tmp_path / 'halves'}"])
-    halves = _scale_ckpt(tmp_path / "halves")
+    halves = _read_ckpt(tmp_path / "halves")
 
     n_steps = len(whole["history"]["step_loss"])
     assert halves["step"] == whole["step"] == n_steps
@@ -1220,8 +1222,8 @@ def _scale_logged(out_dir, step):
 
 
 def test_scale_sigkill_while_checkpointing_leaves_a_resumable_checkpoint(tmp_path):
-    data, out = _scale_corpus(tmp_path), tmp_path / "out"
-    args = [sys.executable, "train.py", *_SCALE_TINY, f"data={data}", f"out_dir={out}", "max_iters=30",
+    data, out = _corpus_file(tmp_path), tmp_path / "out"
+    args = [sys.executable, "train.py", *_TINY_RUN, f"data={data}", f"out_dir={out}", "max_iters=30",
             "ckpt_interval=1", "eval_interval=1000"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     steps = []
@@ -1246,7 +1248,7 @@ def test_scale_sigkill_while_checkpointing_leaves_a_resumable_checkpoint(tmp_pat
     finish = subprocess.run(args + ["init_from=resume"], cwd=HERE, env=env, capture_output=True, text=True,
                             timeout=300)
     assert finish.returncode == 0, finish.stderr
-    ckpt = _scale_ckpt(out)
+    ckpt = _read_ckpt(out)
     assert ckpt["step"] == 30 and len(ckpt["history"]["step_loss"]) == 30
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [line["step"] for line in log if "loss" in line] == list(range(1, 31))
