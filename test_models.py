@@ -20,6 +20,7 @@ tokenizer is read from data/gpt2.tiktoken.
 Bad input has one table a script (sections 3, 4 and 6; the command line's own in section 2): each row
 a mistake and the one-line message it must give, in process or run as a user runs the script.
 """
+import dataclasses
 import json
 import os
 import re
@@ -32,6 +33,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is first imported: 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import common  # noqa: E402
@@ -1252,6 +1254,67 @@ def test_scale_resume_is_exact(tmp_path, monkeypatch, mode):
     log = [json.loads(line) for line in open(tmp_path / "halves" / "log.jsonl")]
     assert [line["step"] for line in log if "loss" in line] == list(range(1, n_steps + 1))  # none twice
     assert (tmp_path / "halves" / "loss.png").stat().st_size > 0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_checkpoint_in_todays_layout_loads_in_sample_and_resumes_in_train(tmp_path, capsys):
+    """A checkpoint built by hand with the keys train.py writes today, so that it stays today's layout
+    when train.py changes: sample.py still loads it, and train.py still resumes it."""
+    data, out = _corpus_file(tmp_path), tmp_path / "run"
+    # the run of _TINY_RUN with max_iters=4, stopped after its checkpoint at step 1
+    model_cfg = gpt2.Config(**{**gpt2.PRESETS["tiny"], "context_length": 32})
+    cfg = train.TrainConfig(data=data, config="tiny", out_dir=str(out), max_iters=4, ckpt_interval=1, lr=1e-3,
+                            warmup_steps=2, eval_iters=1, device="cpu", dtype="float32")
+    torch.manual_seed(0)
+    model = gpt2.Transformer(model_cfg)
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # as train.build_model groups them
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, fused=True)
+    tokens = torch.randint(0, model_cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
+    loss = train.loss_fn(model, tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    # the optimizer as train.py's save_training writes it: keyed by parameter name (a plain
+    # optimizer.state_dict(), keyed by number, does not load: KeyError 'state.0.step')
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))
+    tokens_seen = cfg.batch_size * model_cfg.context_length
+    os.makedirs(out)
+    common.save_checkpoint({
+        "model_name": "gpt2",
+        "model_config": dataclasses.asdict(model_cfg),
+        "train_config": dataclasses.asdict(cfg),
+        "tokenizer": "gpt2",
+        "history": {"step_tokens": [tokens_seen], "step_loss": [loss.item()], "tokens": [tokens_seen],
+                    "train": [loss.item()], "val": [loss.item()]},
+        "step": 1,
+        "model": model.state_dict(),
+        "optimizer": optimizer_state,
+        "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
+        "rng": [{"cpu": torch.get_rng_state()}],
+    }, str(out / "ckpt.pt"))
+
+    loaded, ckpt = sample.load_model(str(out), "cpu")
+    idx = torch.randint(0, model_cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(idx), model.eval()(idx))  # the saved weights
+    assert ckpt["step"] == 1 and loaded.lm_head.weight is loaded.token_embedding.weight
+    sample.main([f"init_from={out}", "max_new_tokens=5", "temperature=0"])
+    text = capsys.readouterr().out
+    assert text.startswith("Every effort moves you") and len(text.strip()) > len("Every effort moves you")
+
+    train.main([*_TINY_RUN, f"data={data}", f"out_dir={out}", "init_from=resume", "max_iters=4"])
+    assert "from step 1" in capsys.readouterr().out
+    resumed = _read_ckpt(out)
+    assert resumed["step"] == 4 and resumed["history"]["step_loss"][0] == loss.item()
+    assert resumed["history"]["step_tokens"] == [tokens_seen * step for step in range(1, 5)]
+    assert len(resumed["history"]["val"]) == 4
+    # AdamW carried on from the saved state, its first step: three more make 4
+    assert all(state["step"] == 4 for state in resumed["optimizer"]["state"].values())
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [line["step"] for line in log if "loss" in line] == [2, 3, 4]
 
 
 def _scale_logged(out_dir, step):
