@@ -534,6 +534,9 @@ def test_checkpoint_round_trip(tmp_path):
 # generate with and without the KV cache (past the context too), each row of a batch stopping at
 # end of text, top_k and top_p, seeds; then sample.py's bad input, load_model's included.
 
+
+# ---- generation
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_generation_with_and_without_cache_agree(batch):
     model = tiny_gpt2()  # context 64: 20 + 80 tokens go well past it
@@ -766,7 +769,7 @@ def test_hf_older_layouts_shards_and_dtype(tmp_path):
 
 # ---- Llama
 # Logits and greedy tokens of each small LlamaConfig of section 1 against LlamaForCausalLM, RoPE
-# scaling, bfloat16, the real models' config.json files, older layouts, shards, bad input.
+# scaling, bfloat16, the real models' config.json files, older layouts, shards.
 
 @pytest.mark.parametrize("name", list(_LLAMA_HF_CONFIGS))
 def test_llama_from_hf_matches_transformers(name, tmp_path):
