@@ -1,4 +1,26 @@
-"""Tests: python -m pytest test_models.py  (CPU, offline)."""
+"""The tests: python -m pytest -q test_models.py  (offline, on the CPU).
+
+The sections follow the files under test in the order a reader meets them:
+
+  1. the model files gpt2.py, llama2.py, llama3.py: parameter counts, shapes, causality, the KV cache,
+     and the fast paths beside the readable one (flash attention, last_only, torch.compile);
+  2. common.py: the key=value command line, the GPT-2 tokenizer, checkpoint files;
+  3. sample.py: generation and sampling, load_model;
+  4. load_hf.py: GPT-2 and Llama weights from Hugging Face folders;
+  5. data/prepare.py: the token cache (a memmap) and the training windows;
+  6. train.py: training runs, starting from pretrained weights or a checkpoint, resuming, DDP and FSDP;
+  7. end to end: the scripts in subprocesses, as a user runs them.
+
+It imports the three model files, common, sample, load_hf, train and data.prepare, and transformers
+for its GPT2LMHeadModel, LlamaForCausalLM and tokenizers to compare against. Nothing is downloaded:
+HF_HUB_OFFLINE is set before huggingface_hub is imported, the Hugging Face models and tokenizers are
+built here from small configs with random weights and saved with save_pretrained, and the GPT-2
+tokenizer is read from data/gpt2.tiktoken.
+
+Bad input has one table a script (sections 3, 4 and 6; the command line's own in section 2): each row
+a mistake and the one-line message it must give, in process or run as a user runs the script.
+"""
+import dataclasses
 import json
 import os
 import re
@@ -11,6 +33,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is first imported: 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import common  # noqa: E402
@@ -26,9 +49,15 @@ from data import prepare  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_script(*args, cwd=HERE):
+def run_script(*args, cwd=HERE, env=None):
     """Run train.py or sample.py in a fresh interpreter, as a user would."""
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def offline_env(tmp_path):
+    """Environment for a subprocess: offline, with an empty Hugging Face cache."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
 
 
 def tiny_gpt2(**overrides):
@@ -46,8 +75,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def story(tmp_path):
+def write_story(tmp_path):
     """A small training text, so the tests need no download."""
     path = tmp_path / "story.txt"
     sentences = ["The painter sat by the window and looked at the sea.",
@@ -57,7 +85,57 @@ def story(tmp_path):
     return str(path)
 
 
-# ---- GPT-2: shapes, parameter counts, attention
+@pytest.fixture
+def story(tmp_path):
+    return write_story(tmp_path)
+
+
+def write(path, content=None):
+    """Write content (text or bytes) into the file path, or make the folder path if content is None;
+    returns the path as text."""
+    if content is None:
+        path.mkdir(parents=True)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return str(path)
+
+
+# Bad input: each script has one table, a row for each mistake, (id, how, given, message):
+#   how "call": given(tmp_path) calls the script's code in this process, which must raise a UserError
+#     whose message is one line and matches the regex message;
+#   how "run": given(tmp_path) is a command line: python script with it must exit with status 2 and
+#     print one line on stderr, "script: " and a message that matches, and no traceback.
+# given may first write files into the test's tmp_path; {tmp} in message stands for tmp_path.
+
+def bad_input_table(rows):
+    """The parametrize of a bad-input table: one test for each row, named by its id."""
+    return pytest.mark.parametrize("how, given, message", [row[1:] for row in rows],
+                                   ids=[row[0] for row in rows])
+
+
+def says_what_to_do(script, how, given, message, tmp_path):
+    """Check one row of a bad-input table (see above)."""
+    message = message.replace("{tmp}", re.escape(str(tmp_path)))
+    if how == "call":
+        with pytest.raises(UserError, match=message) as e:
+            given(tmp_path)
+        assert "\n" not in str(e.value)
+    else:
+        result = run_script(script, *given(tmp_path), env=offline_env(tmp_path))
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"{script}: "), result.stderr
+        assert re.search(message, lines[0].removeprefix(f"{script}: ")), lines[0]
+
+
+# ===== 1. The model files: gpt2.py, llama2.py, llama3.py ===============================================
+# What each architecture computes, on its own: parameter counts of the published sizes, shapes,
+# causality, flash attention against the einsum reference, the KV cache, and the fast paths.
+
+
+# ---- GPT-2 (gpt2.py): parameter counts, shapes, init, causality, flash, KV cache
 
 @pytest.mark.parametrize("preset, expected", [
     ("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080),
@@ -105,8 +183,6 @@ def test_gpt2_flash_matches_einsum():
                 - flash(idx[:, 40:], start_pos=40, use_cache=True)).abs().max() < 1e-5
 
 
-# ---- generation: KV cache, sampling, end of text
-
 def test_cached_logits_equal_full_sequence_logits():
     model = tiny_gpt2()
     idx = torch.randint(0, 50257, (3, 30))
@@ -118,244 +194,10 @@ def test_cached_logits_equal_full_sequence_logits():
     assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_generation_with_and_without_cache_agree(batch):
-    model = tiny_gpt2()  # context 64: 20 + 80 tokens go well past it
-    idx = torch.randint(0, 50257, (batch, 20))
-    with_cache = torch.stack(list(sample.generate(model, idx, 80, use_cache=True)), dim=1)
-    without = torch.stack(list(sample.generate(model, idx, 80, use_cache=False)), dim=1)
-    assert with_cache.shape == (batch, 80)
-    assert torch.equal(with_cache, without)
-
-
-class ScriptedModel(torch.nn.Module):
-    """Stands in for a model: row r emits token r + 1 until step eot_at[r], then the end token."""
-
-    def __init__(self, eot_at, eot_id=9):
-        super().__init__()
-        self.cfg = gpt2.Config(vocab_size=10, context_length=32)
-        self.eot_at, self.eot_id, self.weight = eot_at, eot_id, torch.nn.Parameter(torch.zeros(1))
-
-    def setup_cache(self, batch_size, max_len):
-        pass
-
-    def forward(self, idx, start_pos=0, use_cache=False, last_only=False):
-        logits = torch.zeros(idx.shape[0], idx.shape[1], 10)
-        for r, step in enumerate(self.eot_at):
-            new = idx.shape[1] + start_pos - 1  # tokens generated so far (prompt: 1 token)
-            logits[r, -1, self.eot_id if new >= step else r + 1] = 1.0
-        return logits
-
-
-def test_batched_generation_stops_each_row_at_end_of_text():
-    model = ScriptedModel(eot_at=[2, 5, 100])
-    out = torch.stack(list(sample.generate(model, torch.zeros(3, 1, dtype=torch.long), 8, eot_id=9)), 1)
-    assert out[0].tolist() == [1, 1, 9, 9, 9, 9, 9, 9]  # row 0 ended, and stays ended
-    assert out[1].tolist() == [2, 2, 2, 2, 2, 9, 9, 9]
-    assert out[2].tolist() == [3] * 8
-    done = list(sample.generate(ScriptedModel(eot_at=[2, 3]), torch.zeros(2, 1, dtype=torch.long), 50,
-                               eot_id=9))
-    assert len(done) == 4  # stops as soon as every row has ended
-
-
-def test_top_k_and_top_p_keep_only_the_likely_tokens():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    torch.manual_seed(0)
-    picks = {int(sample.sample_next(logits, 1.0, 2, 1.0)) for _ in range(200)}
-    assert picks == {0, 1}
-    picks = {int(sample.sample_next(logits, 1.0, None, 0.7)) for _ in range(200)}
-    assert picks == {0, 1}  # 0.5 alone is under 0.7; 0.5 + 0.3 covers it
-    picks = {int(sample.sample_next(logits, 1.0, None, 0.4)) for _ in range(50)}
-    assert picks == {0}
-    assert int(sample.sample_next(logits, 0.0, None, 1.0)) == 0  # greedy
-
-
-def test_same_seed_same_sample():
-    model = tiny_gpt2()
-    idx = torch.randint(0, 50257, (2, 5))
-
-    def draw(seed):
-        torch.manual_seed(seed)
-        return torch.stack(list(sample.generate(model, idx, 20, temperature=1.0, top_k=50)), dim=1)
-
-    assert torch.equal(draw(1), draw(1))
-    assert not torch.equal(draw(1), draw(2))
-
-
-# ---- tokenizer
-
-def test_tokenizer_matches_gpt2_ids_offline():
-    tok = common.load_tokenizer("gpt2")
-    text = "Hello, do you like tea? <|endoftext|> In the sunlit terraces of someunknownPlace."
-    ids = [15496, 11, 466, 345, 588, 8887, 30, 220, 50256, 554, 262, 4252, 18250, 8812, 2114, 286, 617,
-           34680, 27271, 13]
-    assert tok.encode(text) == ids
-    assert tok.decode(ids) == text
-    assert tok.vocab_size == 50257 and tok.eot_id == 50256
-
-
-# ---- command line
-
-def parsed(*argv, usage="train.py"):
-    model_name, pairs, _ = common.parse_args(list(argv), usage)
-    cfg, model_cfg = train.TrainConfig(), gpt2.Config()
-    common.apply_overrides(pairs, [cfg, model_cfg], usage)
-    return model_name, cfg, model_cfg
-
-
-def test_overrides_are_parsed_into_the_field_types():
-    name, cfg, model_cfg = parsed("--model", "gpt2", "lr=1", "--epochs=3", "flash=False", "stride=None",
-                                  "prompt=a=b c", "n_layers=4", "dropout=0")
-    assert name == "gpt2"
-    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
-    assert cfg.epochs == 3 and cfg.stride is None and cfg.prompt == "a=b c"
-    assert model_cfg.flash is False and model_cfg.n_layers == 4 and model_cfg.dropout == 0.0
-    assert parsed("flash=true")[2].flash is True and parsed("stride=16")[1].stride == 16
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--model", "gpt5"], "unknown model 'gpt5': choose one of gpt2"),
-    (["--model"], "--model needs a name"),
-    (["lrr=0.1"], "did you mean 'lr'"),
-    (["epochs=abc"], "epochs=abc: expected a whole number"),
-    (["lr=fast"], "lr=fast: expected a number"),
-    (["flash=maybe"], "expected true or false"),
-    (["epochs"], "'epochs' is not key=value"),
-])
-def test_bad_overrides_name_the_problem(argv, message):
-    with pytest.raises(UserError, match=message.replace("(", r"\(")):
-        parsed(*argv)
-
-
-def test_unknown_key_lists_the_valid_keys():
-    with pytest.raises(UserError) as e:
-        parsed("colour=red")
-    assert "valid keys are" in str(e.value) and "batch_size" in str(e.value) and "n_layers" in str(e.value)
-
-
-def test_help_lists_every_key_with_type_and_default(capsys):
-    train.main(["--help"])
-    out = capsys.readouterr().out
-    for line in ("lr               float        0.0005", "n_layers         int          12",
-                 "stride           int | None   None", "config           str          ''"):
-        assert line in out
-
-
-# ---- training
-
-def test_train_errors_for_bad_data(tmp_path, story):
-    def train_on(path, *extra):
-        train.main(["config=tiny", f"data={path}", f"out_dir={tmp_path / 'out'}", "device=cpu", *extra])
-
-    with pytest.raises(UserError, match="not found"):
-        train_on(tmp_path / "missing.txt")
-    (tmp_path / "empty.txt").write_text("  \n")
-    with pytest.raises(UserError, match="is empty"):
-        train_on(tmp_path / "empty.txt")
-    (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me ".encode("latin-1") * 50)
-    with pytest.raises(UserError, match="not UTF-8"):
-        train_on(tmp_path / "latin1.txt")
-    (tmp_path / "short.txt").write_text("Too short to make a window of 64 tokens. " * 3)
-    with pytest.raises(UserError, match="fewer than one window"):
-        train_on(tmp_path / "short.txt")
-    with pytest.raises(UserError, match="fewer than batch_size"):
-        train_on(story, "batch_size=64")
-    with pytest.raises(UserError, match="unknown config 'huge'"):
-        train_on(story, "config=huge")
-    with pytest.raises(UserError, match="device=tpu"):
-        train_on(story, "device=tpu")
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    with pytest.raises(UserError, match="cannot write to out_dir"):
-        train.main(["config=tiny", f"data={story}", f"out_dir={blocker / 'out'}"])
-
-
-def test_tiny_model_loss_falls(tmp_path, story, capsys):
-    train.main(["config=tiny", f"data={story}", f"out_dir={tmp_path}", "epochs=4", "lr=3e-3",
-                "warmup_steps=2", "device=cpu", "dtype=float32", "batch_size=4"])
-    history = torch.load(tmp_path / "ckpt.pt", weights_only=True)["history"]
-    assert history["train"][-1] < history["train"][0] - 1.0
-    assert history["step_loss"][-1] < history["step_loss"][0] - 3.0
-    assert (tmp_path / "loss.png").stat().st_size > 0
-    assert "epoch  4" in capsys.readouterr().out
-
-
-def test_checkpoint_round_trip(tmp_path):
-    model = tiny_gpt2(n_layers=1)
-    path = str(tmp_path / "ckpt.pt")
-    common.save_checkpoint({"model": model.state_dict(), "model_name": "gpt2",
-                           "model_config": model.cfg.__dict__, "tokenizer": "gpt2"}, path)
-    assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temporary file was renamed away
-    loaded, ckpt = sample.load_model(str(tmp_path), "cpu")
-    idx = torch.randint(0, 50257, (1, 10))
-    with torch.no_grad():
-        assert torch.equal(model(idx), loaded.eval()(idx))
-    assert loaded.lm_head.weight is loaded.token_embedding.weight  # still tied
-
-
-def test_missing_or_corrupt_checkpoint(tmp_path):
-    with pytest.raises(UserError, match="no checkpoint at"):
-        sample.load_model(str(tmp_path), "cpu")
-    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(UserError, match="is not a checkpoint this project can load"):
-        sample.load_model(str(tmp_path), "cpu")
-
-
-# ---- end to end, in subprocesses as a user runs them
-
-def test_train_then_sample_end_to_end(tmp_path, story):
-    out = tmp_path / "out"
-    result = run_script("train.py", "--model", "gpt2", "config=tiny", "epochs=1", f"data={story}",
-                        f"out_dir={out}", "device=cpu")
-    assert result.returncode == 0, result.stderr
-    assert "train loss" in result.stdout and "val loss" in result.stdout
-    assert (out / "ckpt.pt").exists() and (out / "loss.png").exists()
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["model_name"] == "gpt2" and ckpt["tokenizer"] == "gpt2"
-    assert ckpt["model_config"]["n_layers"] == 2 and ckpt["train_config"]["epochs"] == 1
-
-    result = run_script("sample.py", f"init_from={out}", "prompt=The painter", "max_new_tokens=12",
-                        "seed=7")
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("The painter") and "tokens/s" in result.stderr
-    again = run_script("sample.py", f"init_from={out}", "prompt=The painter", "max_new_tokens=12",
-                       "seed=7")
-    assert again.stdout == result.stdout  # same seed, same text
-
-    batch = run_script("sample.py", f"init_from={out}", "num_samples=3", "max_new_tokens=5",
-                       "temperature=0", f"prompt={'word ' * 100}")
-    assert batch.returncode == 0, batch.stderr
-    assert batch.stdout.count("--- sample") == 3
-    assert "only its last 64 tokens are used" in batch.stderr  # a long prompt is cropped, with a note
-
-
-@pytest.mark.parametrize("script, args, message", [
-    ("train.py", ["--model", "no_such_model"], "unknown model"),
-    ("train.py", ["no_such_key=1"], "unknown key"),
-    ("train.py", ["epochs=abc"], "expected a whole number"),
-    ("sample.py", ["init_from=/no/such/dir"], "no checkpoint at"),
-    ("sample.py", ["top_k=0"], "top_k=0"),
-    ("sample.py", ["temperature=-1"], "negative"),
-    ("sample.py", ["top_p=1.5"], "top_p=1.5"),
-])
-def test_bad_input_gives_one_line_and_status_2(tmp_path, script, args, message):
-    if script == "sample.py" and not args[0].startswith("init_from"):  # needs a checkpoint to get there
-        model = tiny_gpt2(n_layers=1)
-        common.save_checkpoint({"model": model.state_dict(), "model_name": "gpt2",
-                               "model_config": model.cfg.__dict__, "tokenizer": "gpt2"},
-                              str(tmp_path / "ckpt.pt"))
-        args = [*args, f"init_from={tmp_path}"]
-    result = run_script(script, *args)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
-
-
-# ---- Llama 2 / Llama 3 (llama2.py, llama3.py) ---------------------------------------------------
-# Parameter counts of the real models, flash vs einsum, logits and greedy tokens against transformers'
-# LlamaForCausalLM on small random models saved with save_pretrained and read by load_hf.py, the KV
-# cache, bf16, and no context^2 buffers.
-
+# ---- Llama 2 / Llama 3 (llama2.py, llama3.py)
+# Parameter counts of the real models, the toy preset, flash vs einsum, the KV cache against the
+# full sequence, and no context^2 buffers. The small LlamaConfigs here are also the ones load_hf.py
+# is checked with (section 4): the models are built from them by transformers and read by load_hf.py.
 
 _LLAMA_REAL_SIZES = [  # from the published checkpoints
     (llama2, "llama2-7b", 6_738_415_616),
@@ -473,46 +315,6 @@ def test_llama_flash_matches_einsum(module, n_kv_heads):
     assert _llama_max_diff(reference, fused) < 1e-5
 
 
-@pytest.mark.parametrize("name", list(_LLAMA_HF_CONFIGS))
-def test_llama_from_hf_matches_transformers(name, tmp_path):
-    """Logits within 1e-4 (float32, a batch of 2), then the same 20 greedy tokens as HF's generate."""
-    hf_model, model, module, seq_len = _llama_saved(name, tmp_path)
-    idx = _llama_ids(hf_model, 2, seq_len)
-    with torch.no_grad():
-        expected = hf_model(idx).logits
-        got = model(idx)
-    diff = _llama_max_diff(got, expected)
-    print(f"{name}: float32 max |logit difference| vs transformers {diff:.2e}"
-          f" (logits up to {expected.abs().max().item():.1f})")
-    assert diff < 1e-4
-    assert (model.lm_head.weight is model.token_embedding.weight) == model.cfg.tie_weights
-    assert module.count_parameters(model) == hf_model.num_parameters()
-
-    hf_model.generation_config.eos_token_id = None  # exactly 20 tokens, as ours without eot_id
-    theirs = hf_model.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
-                               max_new_tokens=20, pad_token_id=0)[:, seq_len:]
-    ours = torch.stack(list(sample.generate(model, idx, 20)), dim=1)  # greedy, with the KV cache
-    assert torch.equal(ours, theirs)
-
-
-@pytest.mark.parametrize("name", [n for n in _LLAMA_HF_CONFIGS if "scaled" in n])
-def test_llama_rope_scaling_is_used(name, tmp_path):
-    """The seed notebook computed the Llama 3.1 frequencies, then used the unscaled ones."""
-    hf_model, model, module, seq_len = _llama_saved(name, tmp_path)
-    hf_freqs = hf_model.model.rotary_emb.inv_freq
-    unscaled = module.rope_frequencies(module.Config(**{**vars(model.cfg), "rope_factor": None}))
-    assert torch.allclose(module.rope_frequencies(model.cfg), hf_freqs, rtol=1e-6, atol=0)
-    kept = torch.isclose(hf_freqs, unscaled, rtol=1e-6, atol=0)
-    scaled = torch.isclose(hf_freqs, unscaled / model.cfg.rope_factor, rtol=1e-6, atol=0)
-    assert kept.any() and scaled.any() and (~kept & ~scaled).any()  # all three bands are exercised
-    assert seq_len > model.cfg.rope_original_context
-    # and the test above would catch a model that forgot the scaling
-    model.cfg.rope_factor = None
-    idx = _llama_ids(hf_model, 2, seq_len)
-    with torch.no_grad():
-        assert _llama_max_diff(model(idx), hf_model(idx).logits) > 1e-2
-
-
 @pytest.mark.parametrize("name", ["llama2-mha", "llama3-gqa", "llama3.1-scaled-mqa"])
 @pytest.mark.parametrize("flash", [False, True])
 def test_llama_kv_cache_matches_full_sequence(name, flash, tmp_path):
@@ -528,49 +330,6 @@ def test_llama_kv_cache_matches_full_sequence(name, flash, tmp_path):
             cached = model(idx[:, pos:pos + step], start_pos=pos, use_cache=True)
             assert _llama_max_diff(cached, full[:, pos:pos + step]) < 1e-4, pos
             pos += step
-
-
-@pytest.mark.parametrize("module, overrides", [
-    (llama2, dict(n_kv_heads=4)),
-    (llama3, dict(n_kv_heads=2)),
-    (llama3, dict(n_kv_heads=1, rope_factor=8.0, rope_original_context=8)),
-], ids=["llama2-mha", "llama3-gqa", "llama3-scaled-mqa"])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_llama_generate_same_with_and_without_cache(module, overrides, batch):
-    cfg = module.Config(**{**_LLAMA_TEST, "context_length": 12,
-                           **overrides})
-    model = _llama_randomize(module.Transformer(cfg), seed=2).eval()
-    idx = torch.randint(0, cfg.vocab_size, (batch, 5), generator=torch.Generator().manual_seed(3))
-    n = 20  # 5 + 20 tokens: the window slides past the 12-token context
-    with_cache = torch.stack(list(sample.generate(model, idx, n, temperature=0.0, use_cache=True)), 1)
-    without = torch.stack(list(sample.generate(model, idx, n, temperature=0.0, use_cache=False)), 1)
-    assert with_cache.shape == (batch, n)
-    assert torch.equal(with_cache, without)
-
-
-@pytest.mark.parametrize("name", ["llama2-gqa", "llama3.1-scaled-mqa", "llama3.2-scaled-tied"])
-def test_llama_bfloat16_close_to_transformers(name, tmp_path):
-    """Saved in bfloat16, as the published Llama 3 checkpoints are: load_hf.py keeps it with dtype=None."""
-    hf_model, module, seq_len = _llama_hf(name)
-    idx = _llama_ids(hf_model, 2, seq_len)
-    with torch.no_grad():
-        reference = hf_model(idx).logits  # float32
-        inv_freq = hf_model.model.rotary_emb.inv_freq
-        hf_model.to(torch.bfloat16)
-        # from_pretrained(dtype=bfloat16) keeps this buffer in float32; .to() would round it
-        hf_model.model.rotary_emb.inv_freq = inv_freq
-        hf_model.save_pretrained(tmp_path)
-        model, ckpt = load_hf.load(str(tmp_path), dtype=None)
-        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-        assert ckpt["model_config"]["dtype"] == "bfloat16"  # so that a converted checkpoint rebuilds it so
-        assert load_hf.load(str(tmp_path))[1]["model_config"]["dtype"] == "float32"  # load's default
-        got, expected = model.eval()(idx), hf_model(idx).logits
-    diff = _llama_max_diff(got, expected)
-    print(f"{name}: bfloat16 max |logit difference| vs transformers in bfloat16 {diff:.2e}; "
-          f"vs float32: ours {_llama_max_diff(got, reference):.3f}, "
-          f"transformers {_llama_max_diff(expected, reference):.3f}"
-          f" (logits up to {reference.abs().max().item():.1f})")
-    assert diff < 0.1  # bf16 itself moves these logits by ~0.07 from float32; we match HF to 0.000
 
 
 def test_llama_long_context_allocates_no_context_squared_mask():
@@ -591,660 +350,7 @@ def test_llama_long_context_allocates_no_context_squared_mask():
         assert _llama_max_diff(model(idx[:, 7:], start_pos=7, use_cache=True)[:, -1], full[:, 7]) < 1e-5
 
 
-# ---- load_hf.py: Hugging Face GPT-2 weights
-# transformers' own GPT2LMHeadModel, built from a config and saved with save_pretrained, stands in for
-# the published checkpoints: same files, same names, random weights. Nothing here touches the network.
-
-_HF_SMALL = dict(n_positions=128, n_embd=64, n_layer=2, n_head=4)  # GPT-2's vocabulary, tiny otherwise
-
-
-def _hf_env(tmp_path):
-    """Environment for a subprocess: offline, with an empty Hugging Face cache."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
-
-
-def _hf_model(seed=0, **config):
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(**config)).eval()
-
-
-def _hf_save(folder, **config):
-    model = _hf_model(**config)
-    model.save_pretrained(folder)
-    return model, str(folder)
-
-
-def _hf_assert_same(ours, theirs, vocab_size, prompt_len=12, new_tokens=30):
-    """Logits within 1e-4 on a batch of 2, and the same greedy tokens as HF's generate(do_sample=False)."""
-    torch.manual_seed(1)
-    idx = torch.randint(0, vocab_size, (2, prompt_len))
-    ours.eval()
-    with torch.no_grad():
-        diff = (ours(idx) - theirs(idx).logits).abs().max().item()
-    assert diff < 1e-4, diff
-    theirs.generation_config.eos_token_id = None  # generate exactly new_tokens, as ours does without eot_id
-    expected = theirs.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
-                               max_new_tokens=new_tokens, pad_token_id=0)[:, prompt_len:]
-    got = torch.stack(list(sample.generate(ours, idx, new_tokens)), dim=1)
-    assert torch.equal(got, expected)
-    return diff
-
-
-@pytest.fixture(scope="module")
-def _hf_124m(tmp_path_factory):
-    """GPT-2 124M's real config (GPT2Config's defaults), random weights, saved once for the module."""
-    return _hf_save(tmp_path_factory.mktemp("hf-gpt2"))
-
-
-@pytest.mark.parametrize("config", [_HF_SMALL, dict(_HF_SMALL, vocab_size=1000, tie_word_embeddings=False)],
-                         ids=["tied", "untied-vocab1000"])
-def test_hf_small_gpt2_matches_transformers(tmp_path, config):
-    theirs, folder = _hf_save(tmp_path, **config)
-    ours, ckpt = load_hf.load(folder)
-    assert ckpt["model_name"] == "gpt2" and ckpt["model_config"]["context_length"] == 128
-    assert (ours.lm_head.weight is ours.token_embedding.weight) == config.get("tie_word_embeddings", True)
-    assert gpt2.count_parameters(ours) == theirs.num_parameters()
-    _hf_assert_same(ours, theirs, theirs.config.vocab_size)
-
-
-def test_hf_124m_matches_transformers(_hf_124m, one_thread):
-    theirs, folder = _hf_124m
-    ours, _ = load_hf.load(folder)
-    assert gpt2.count_parameters(ours) == theirs.num_parameters() == 124_439_808
-    assert ours.lm_head.weight is ours.token_embedding.weight
-    assert all(p.dtype == torch.float32 for p in ours.parameters())
-    attn = ours.blocks[0].attn  # no copies: wq, wk and wv are views of c_attn's memory-mapped weight
-    assert attn.wq.weight.data_ptr() + 768 * 4 == attn.wk.weight.data_ptr()
-    _hf_assert_same(ours, theirs, 50257)
-
-
-@pytest.mark.parametrize("size, d, layers, heads, expected", [
-    ("gpt2", 768, 12, 12, 124_439_808), ("gpt2-medium", 1024, 24, 16, 354_823_168),
-    ("gpt2-large", 1280, 36, 20, 774_030_080), ("gpt2-xl", 1600, 48, 25, 1_557_611_200)])
-def test_hf_parameter_counts_of_all_sizes(size, d, layers, heads, expected):
-    from transformers import GPT2Config, GPT2LMHeadModel
-    config = GPT2Config(n_embd=d, n_layer=layers, n_head=heads)
-    _, _, cfg = load_hf.gpt2_config(config.to_dict(), size)
-    with torch.device("meta"):  # shapes only
-        theirs, ours = GPT2LMHeadModel(config), gpt2.Transformer(cfg)
-    assert gpt2.count_parameters(ours) == theirs.num_parameters() == expected
-
-
-def test_hf_older_layouts_shards_and_dtype(tmp_path):
-    """Files as the hub's older checkpoints hold them (GPT2Model's names, causal-mask buffers), as
-    pytorch_model.bin, in shards, and in bfloat16."""
-    from safetensors.torch import save_file
-    theirs, folder = _hf_save(tmp_path / "new", **_HF_SMALL)
-    state = {k.removeprefix("transformer."): v for k, v in theirs.state_dict().items() if k != "lm_head.weight"}
-    state |= {f"h.{i}.attn.bias": torch.ones(1, 1, 128, 128).tril() for i in range(2)}
-    for name, save in [("model.safetensors", save_file), ("pytorch_model.bin", torch.save)]:
-        old = tmp_path / name
-        old.mkdir()
-        (old / "config.json").write_text(open(os.path.join(folder, "config.json")).read())
-        save(state, str(old / name))
-        _hf_assert_same(load_hf.load(str(old))[0], theirs, 50257, new_tokens=5)
-    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="2MB")
-    assert len([f for f in os.listdir(tmp_path / "sharded") if f.endswith(".safetensors")]) > 1
-    _hf_assert_same(load_hf.load(str(tmp_path / "sharded"))[0], theirs, 50257, new_tokens=5)
-
-    theirs.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
-    assert next(load_hf.load(str(tmp_path / "bf16"))[0].parameters()).dtype == torch.float32
-    kept, _ = load_hf.load(str(tmp_path / "bf16"), dtype=None)
-    assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
-    assert torch.equal(kept.blocks[1].attn.wk.weight,
-                       theirs.transformer.h[1].attn.c_attn.weight[:, 64:128].t())  # Conv1D, fused qkv
-
-
-def _hf_broken(folder, config=None, drop=None, reshape=None):
-    """A copy of a small checkpoint, with config.json changed, or a tensor dropped or reshaped."""
-    from safetensors.torch import save_file
-    os.makedirs(folder)
-    theirs = _hf_model(**_HF_SMALL)
-    (folder / "config.json").write_text(json.dumps({**theirs.config.to_dict(), **(config or {})}))
-    state = {k: v.clone() for k, v in theirs.state_dict().items() if k not in ("lm_head.weight", drop)}
-    if reshape:
-        state[reshape] = state[reshape][:, :-1].contiguous()
-    save_file(state, str(folder / "model.safetensors"))
-    return str(folder)
-
-
-def test_hf_bad_input_says_what_to_do(tmp_path, monkeypatch):
-    def fails(source, message):
-        with pytest.raises(UserError, match=message) as e:
-            load_hf.load(str(source))
-        assert "\n" not in str(e.value)
-        return str(e.value)
-
-    fails(tmp_path / "nowhere", "no checkpoint at")
-    (tmp_path / "empty").mkdir()
-    fails(tmp_path / "empty", "no checkpoint at .*expected ckpt.pt")
-    fails(_hf_broken(tmp_path / "bert", config={"model_type": "bert"}), "holds a 'bert' model")
-    fails(_hf_broken(tmp_path / "relu", config={"activation_function": "relu"}), "activation_function=relu")
-    fails(_hf_broken(tmp_path / "wide", config={"n_inner": 100}), "n_inner=100")
-    message = fails(_hf_broken(tmp_path / "shape", reshape="transformer.h.1.attn.c_attn.weight"),
-                    r"h.1.attn.c_attn.weight has shape \(64, 191\)")
-    assert "(64, 192)" in message  # both shapes
-    fails(_hf_broken(tmp_path / "drop", drop="transformer.h.1.ln_2.bias"), "has no tensor h.1.ln_2.bias")
-    os.remove(tmp_path / "drop" / "model.safetensors")
-    fails(tmp_path / "drop", "no model.safetensors or pytorch_model.bin")
-    (tmp_path / "drop" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    fails(tmp_path / "drop", "cannot read .*model.safetensors")
-    (tmp_path / "drop" / "config.json").write_text("{'model_type': gpt2")
-    fails(tmp_path / "drop", "cannot read .*config.json")
-    _, folder = _hf_save(tmp_path / "vocab", **dict(_HF_SMALL, vocab_size=1000))
-    with pytest.raises(UserError, match="the model knows 1000 tokens, fewer than the gpt2 tokenizer's 50257"):
-        sample.main([f"init_from={folder}"])
-
-    import huggingface_hub.constants
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    fails("llm-from-scratch-tests/no-such-gpt2", "cannot reach the Hugging Face hub for "
-          "'llm-from-scratch-tests/no-such-gpt2' \\(offline\\?\\): download it elsewhere and pass the folder")
-
-
-def test_hf_convert_then_sample_in_subprocesses(tmp_path, capsys):
-    _, folder = _hf_save(tmp_path / "hf", **_HF_SMALL)
-    env, out = _hf_env(tmp_path), tmp_path / "converted"
-    convert = subprocess.run([sys.executable, "load_hf.py", folder, f"out_dir={out}"], cwd=HERE, env=env,
-                             capture_output=True, text=True, timeout=300)
-    assert convert.returncode == 0, convert.stderr
-    assert "3,324,736 parameters (gpt2, float32)" in convert.stdout and f"init_from={out}" in convert.stdout
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["model_name"] == "gpt2" and ckpt["model_config"]["n_layers"] == 2
-    args = ["prompt=The painter", "temperature=0", "max_new_tokens=8"]
-    converted = subprocess.run([sys.executable, "sample.py", f"init_from={out}", *args], cwd=HERE, env=env,
-                               capture_output=True, text=True, timeout=300)
-    assert converted.returncode == 0, converted.stderr
-    sample.main([f"init_from={folder}", *args])  # the Hugging Face folder directly: the same text
-    assert capsys.readouterr().out == converted.stdout and converted.stdout.startswith("The painter")
-
-    for script in ("sample.py", "train.py"):
-        offline = subprocess.run([sys.executable, script, "init_from=gpt2"], cwd=HERE, env=env,
-                                 capture_output=True, text=True, timeout=300)
-        assert offline.returncode == 2 and "Traceback" not in offline.stderr
-        assert offline.stderr.strip().splitlines() == [
-            f"{script}: cannot reach the Hugging Face hub for 'gpt2' (offline?): download it elsewhere and "
-            f"pass the folder, init_from=path/to/folder"]
-
-
-def test_hf_train_continues_pretrained_weights(tmp_path, story):
-    _, folder = _hf_save(tmp_path / "hf", **_HF_SMALL)
-
-    def run(*extra):
-        train.main([f"init_from={folder}", f"data={story}", f"out_dir={tmp_path / 'out'}", "device=cpu",
-                    "dtype=float32", "epochs=1", *extra])
-
-    for extra, message in [(["n_layers=4"], "n_layers=4 would change the architecture"),
-                           (["context_length=64"], "context_length=64 would change"),
-                           (["config=tiny"], "config=tiny picks a model to train from scratch"),
-                           (["seq_len=256"], "seq_len=256 is longer than the model's context_length=128"),
-                           (["--model", "gpt2", "lrr=1"], "did you mean 'lr'")]:
-        with pytest.raises(UserError, match=message):
-            run(*extra)
-    run("seq_len=64", "batch_size=4", "dropout=0", "flash=true", "lr=0", "min_lr=0", "weight_decay=0")
-    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
-    assert ckpt["model_config"]["d_model"] == 64 and ckpt["model_config"]["flash"] is True
-    assert ckpt["train_config"]["init_from"] == folder and ckpt["train_config"]["seq_len"] == 64
-    pretrained, _ = load_hf.load(folder)
-    assert torch.equal(ckpt["model"]["blocks.1.mlp.up.weight"], pretrained.blocks[1].mlp.up.weight)  # lr=0
-
-
-# ---- load_hf.py: Hugging Face Llama weights
-# The logits and greedy tokens of each small LlamaConfig are checked in the Llama section above; here:
-# the real models' config.json files, older layouts, shards, bad input, and the scripts end to end.
-
-_LLAMA_REAL_CONFIGS = {  # config.json of the published checkpoints (their transformers 4.x layout)
-    "llama2-7b": dict(
-        hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32,
-        num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-05, rope_scaling=None,
-        tie_word_embeddings=False, torch_dtype="float16", vocab_size=32000),
-    "llama2-70b": dict(
-        hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_hidden_layers=80,
-        num_key_value_heads=8, max_position_embeddings=4096, rms_norm_eps=1e-05, rope_scaling=None,
-        tie_word_embeddings=False, torch_dtype="float16", vocab_size=32000),
-    "llama3-8b": dict(
-        hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_hidden_layers=32,
-        num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-05, rope_scaling=None,
-        rope_theta=500000.0, tie_word_embeddings=False, torch_dtype="bfloat16", vocab_size=128256),
-    "llama3.1-8b": dict(
-        hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_hidden_layers=32,
-        num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-05,
-        rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=8192, rope_type="llama3"),
-        rope_theta=500000.0, tie_word_embeddings=False, torch_dtype="bfloat16", vocab_size=128256),
-    "llama3.2-1b": dict(
-        head_dim=64, hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_hidden_layers=16,
-        num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-05,
-        rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=8192, rope_type="llama3"),
-        rope_theta=500000.0, tie_word_embeddings=True, torch_dtype="bfloat16", vocab_size=128256),
-}
-
-
-@pytest.mark.parametrize("preset", list(_LLAMA_REAL_CONFIGS))
-def test_llama_real_configs_give_our_presets(preset):
-    """The published config.json files pick the right file and give its preset (old layout: rope_theta
-    and rope_scaling beside each other, torch_dtype); in transformers 5's layout too."""
-    hf = dict(_LLAMA_REAL_CONFIGS[preset], model_type="llama", hidden_act="silu", attention_bias=False)
-    module = llama2 if preset.startswith("llama2") else llama3
-    expected = module.Config(**{**module.PRESETS[preset], "dtype": hf["torch_dtype"]})
-    assert load_hf.llama_config(hf, preset) == (module.__name__, preset, expected)
-    new_layout = LlamaConfig(**{k: v for k, v in hf.items() if k != "torch_dtype"}, dtype=hf["torch_dtype"])
-    assert load_hf.llama_config(new_layout.to_dict(), preset) == (module.__name__, preset, expected)
-
-
-def _llama_folder(folder, config=None, drop=None, reshape=None, name="llama2-gqa"):
-    """A small random Llama checkpoint, with config.json changed (a None value removes the key), or a
-    tensor dropped or reshaped. Returns the folder and the LlamaForCausalLM it holds."""
-    from safetensors.torch import save_file
-    hf_model, _, _ = _llama_hf(name)
-    hf_model.save_pretrained(folder)
-    if config:
-        hf = json.loads((folder / "config.json").read_text())
-        hf = {k: v for k, v in {**hf, **config}.items() if v is not None}
-        (folder / "config.json").write_text(json.dumps(hf))
-    if drop or reshape:
-        state = {k: v.clone() for k, v in hf_model.state_dict().items() if k != drop}
-        if reshape:
-            state[reshape] = state[reshape][:, :-1].contiguous()
-        save_file(state, str(folder / "model.safetensors"))
-    return str(folder), hf_model
-
-
-def test_llama_older_config_layout_and_shards(tmp_path):
-    new, theirs = _llama_folder(tmp_path / "new", name="llama3.2-scaled-tied")
-    rope = theirs.config.rope_parameters
-    old, _ = _llama_folder(tmp_path / "old", name="llama3.2-scaled-tied", config=dict(  # transformers 4.x
-        rope_parameters=None, dtype=None, head_dim=None, torch_dtype="float32", rope_theta=rope["rope_theta"],
-        rope_scaling={"type" if k == "rope_type" else k: v for k, v in rope.items() if k != "rope_theta"}))
-    assert load_hf.load(old)[1] == {**load_hf.load(new)[1], "tokenizer": old, "source": old}
-
-    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
-    shards = sorted(f for f in os.listdir(tmp_path / "sharded") if f.endswith(".safetensors"))
-    assert len(shards) > 1 and os.path.isfile(tmp_path / "sharded" / "model.safetensors.index.json")
-    sharded, ckpt = load_hf.load(str(tmp_path / "sharded"))
-    assert ckpt["model_name"] == "llama3" and sharded.lm_head.weight is sharded.token_embedding.weight
-    idx = _llama_ids(theirs, 2, 80)
-    with torch.no_grad():
-        assert _llama_max_diff(sharded(idx), theirs(idx).logits) < 1e-4
-    os.remove(tmp_path / "sharded" / shards[1])
-    with pytest.raises(UserError, match=f"lacks {shards[1]}, a shard its model.safetensors.index.json lists"):
-        load_hf.load(str(tmp_path / "sharded"))
-
-
-_LLAMA_UNSUPPORTED = [  # config.json changes -> what load_hf.py says
-    (dict(model_type="mistral"), "holds a 'mistral' model .*load_hf.py reads gpt2, llama"),
-    (dict(attention_bias=True), "sets attention_bias=True, which llama2.py and llama3.py do not implement"),
-    (dict(mlp_bias=True), "sets mlp_bias=True"),
-    (dict(hidden_act="gelu"), "sets hidden_act=gelu"),
-    (dict(head_dim=16), "sets head_dim=16"),
-    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}), "rope_type=yarn"),
-    (dict(rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0}), "rope_type=linear"),
-    (dict(num_key_value_heads=3), "num_attention_heads=8 must divide hidden_size=64 and be a multiple of "
-                                  "num_key_value_heads=3"),
-    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "low_freq_factor": 1.0,
-                           "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
-     "llama3 RoPE scaling lacks factor"),
-]
-
-
-def test_llama_bad_input_says_what_to_do(tmp_path):
-    def fails(folder, message):
-        with pytest.raises(UserError, match=message) as e:
-            load_hf.load(folder)
-        assert "\n" not in str(e.value)
-        return str(e.value)
-
-    for i, (config, message) in enumerate(_LLAMA_UNSUPPORTED):
-        fails(_llama_folder(tmp_path / str(i), config=config)[0], message)
-
-    message = fails(_llama_folder(tmp_path / "shape", reshape="model.layers.1.self_attn.k_proj.weight")[0],
-                    r"layers.1.self_attn.k_proj.weight has shape \(16, 63\)")
-    assert "(16, 64)" in message  # both shapes
-    fails(_llama_folder(tmp_path / "drop", drop="model.layers.1.mlp.up_proj.weight")[0],
-          "has no tensor layers.1.mlp.up_proj.weight, which a llama2 of this config.json needs")
-    folder, _ = _llama_folder(tmp_path / "untied", drop="lm_head.weight")  # a tied head is not stored
-    fails(folder, "has no tensor lm_head.weight")
-    folder, _ = _llama_folder(tmp_path / "tied", config=dict(tie_word_embeddings=True), drop="lm_head.weight")
-    assert load_hf.load(folder)[1]["model_config"]["tie_weights"]
-
-    no_tokenizer = re.escape(folder) + " has no tokenizer.json: copy the model's tokenizer files"
-    with pytest.raises(UserError, match=no_tokenizer):
-        sample.main([f"init_from={folder}"])
-    with pytest.raises(UserError, match=no_tokenizer):  # before anything is written
-        load_hf.main([folder, f"out_dir={tmp_path / 'out'}"])
-    assert not os.path.exists(tmp_path / "out")
-
-
-def _llama_tokenizer(folder, text):
-    """A small BPE trained on text with the tokenizers library, SentencePiece-style as Llama 2's ('▁'
-    marks a space; <s> starts each text, </s> ends it), saved into folder as transformers saves one."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
-    tok.train_from_iterator([text], trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    hf.save_pretrained(folder)
-    return hf
-
-
-def test_llama_folder_with_tokenizer_end_to_end(tmp_path, story):
-    """sample.py on a Llama folder with its own tokenizer; load_hf.py then sample.py on the checkpoint;
-    train.py continuing it; all give HF's greedy text."""
-    folder = tmp_path / "hf-llama"
-    tokenizer = _llama_tokenizer(folder, open(story).read())
-    config = LlamaConfig(**{**_LLAMA_SMALL, "vocab_size": len(tokenizer)}, bos_token_id=1, eos_token_id=2,
-                         **_LLAMA_HF_CONFIGS["llama2-gqa"][2])
-    theirs = _llama_randomize(LlamaForCausalLM(config), seed=6).eval()  # continues with a new word, whose
-    theirs.save_pretrained(folder)  # space a SentencePiece tokenizer drops when decoding it alone
-    prompt_ids = tokenizer("The painter looked at")["input_ids"]
-    assert prompt_ids[0] == 1  # <s>
-    new = theirs.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=12)[0, len(prompt_ids):]
-    expected = tokenizer.decode(prompt_ids + new.tolist(), skip_special_tokens=True) + "\n"
-    assert expected.startswith("The painter looked at ")
-
-    env, out = _hf_env(tmp_path), tmp_path / "out-llama"
-    # top_k=None: the default 200 is more than this tokenizer's 120 tokens
-    args = ["prompt=The painter looked at", "temperature=0", "max_new_tokens=12", "top_k=None"]
-    direct = subprocess.run([sys.executable, "sample.py", f"init_from={folder}", *args], cwd=HERE, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert direct.returncode == 0, direct.stderr
-    assert direct.stdout == expected  # streamed, with the spaces SentencePiece puts before words
-    convert = subprocess.run([sys.executable, "load_hf.py", str(folder), f"out_dir={out}"], cwd=HERE, env=env,
-                             capture_output=True, text=True, timeout=300)
-    assert convert.returncode == 0, convert.stderr
-    assert f"parameters (llama2, float32), saved as {out / 'ckpt.pt'}" in convert.stdout
-    assert torch.load(out / "ckpt.pt", weights_only=True)["tokenizer"] == "tokenizer"
-    assert os.path.isfile(out / "tokenizer" / "tokenizer.json")  # a copy: out-llama stands alone
-    os.rename(folder, tmp_path / "moved")
-    converted = subprocess.run([sys.executable, "sample.py", f"init_from={out}", *args], cwd=HERE, env=env,
-                               capture_output=True, text=True, timeout=300)
-    assert converted.returncode == 0, converted.stderr
-    assert converted.stdout == expected
-
-    trained = tmp_path / "trained"  # lr=0: the weights stay, the tokenizer goes along
-    train.main([f"init_from={out}", f"data={story}", f"out_dir={trained}", "device=cpu", "dtype=float32",
-                "epochs=1", "seq_len=32", "lr=0", "min_lr=0", "eval_iters=1", "prompt=The painter"])
-    assert os.path.isfile(trained / "tokenizer" / "tokenizer.json")
-    model, ckpt = sample.load_model(str(trained), "cpu")
-    assert ckpt["tokenizer"] == str(trained / "tokenizer")
-    tokenizer = common.load_tokenizer(ckpt["tokenizer"])
-    assert sample.complete(model.eval(), tokenizer, "The painter looked at", 12) + "\n" == expected
-
-    # and resumed: the model and the tokenizer come from the run's own checkpoint and folder
-    train.main(["init_from=resume", f"data={story}", f"out_dir={trained}", "device=cpu", "dtype=float32",
-                "epochs=2", "seq_len=32", "lr=0", "min_lr=0", "eval_iters=1", "prompt=The painter"])
-    resumed = torch.load(trained / "ckpt.pt", weights_only=True)
-    assert resumed["model_name"] == "llama2" and resumed["step"] == 2 * ckpt["step"] > 0
-    assert resumed["tokenizer"] == "tokenizer" and os.path.isfile(trained / "tokenizer" / "tokenizer.json")
-
-
-# ---- scaling: DDP, FSDP, resume, memmap
-
-_SCALE_TINY = ["config=tiny", "context_length=32", "dtype=float32", "device=cpu", "eval_iters=1", "lr=1e-3",
-               "warmup_steps=2"]
-
-
-def _scale_text():
-    """A text with the things a tokenizer cut could trip on: numbers, punctuation, runs of spaces and
-    newlines, contractions, accents, <|endoftext|>."""
-    lines = ["The painter sat by the window, and looked at the sea.", "Every effort moves you 1234 steps",
-             "closer to the picture you want;  she didn't laugh\u2014but the light changed   ", "",
-             "on the water of caf\u00e9 Gisburn<|endoftext|>Then, 3.14 years later...\t\"Why?\" he asked."]
-    return "\n".join(lines[i % len(lines)] + f" {i}" * (i % 3) for i in range(400))
-
-
-def _scale_corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(_scale_text(), encoding="utf-8")
-    return str(path)
-
-
-def _scale_torchrun(*args):
-    """train.py in 2 processes with the gloo backend, as torchrun --standalone picks a free port."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "train.py", *args], cwd=HERE, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def _scale_ckpt(out_dir):
-    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def _scale_one_process(tmp_path_factory):
-    """The reference: one process, the step's batch of 4 windows as 2 micro-batches of 2."""
-    tmp = tmp_path_factory.mktemp("scale")
-    data = _scale_corpus(tmp)
-    args = [*_SCALE_TINY, f"data={data}", "max_iters=4", "batch_size=4", "eval_interval=2"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    train.main([*args, "grad_accum=2", f"out_dir={tmp / 'one'}"])
-    torch.set_num_threads(threads)
-    return args, _scale_ckpt(tmp / "one"), tmp
-
-
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_scale_two_processes_match_one_process(_scale_one_process, mode):
-    args, reference, tmp = _scale_one_process
-    out = tmp / mode
-    result = _scale_torchrun(*args, "grad_accum=1", f"fsdp={mode == 'fsdp'}", f"out_dir={out}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("step     4  train loss") == 1  # only process 0 prints
-    ckpt = _scale_ckpt(out)
-    for key in ("step_loss", "train", "val"):
-        assert len(ckpt["history"][key]) == len(reference["history"][key])
-        assert max(abs(a - b) for a, b in zip(ckpt["history"][key], reference["history"][key])) < 1e-5
-    assert ckpt["model"].keys() == reference["model"].keys()  # the full state dict, gathered under FSDP
-    for name, weight in ckpt["model"].items():
-        assert (weight - reference["model"][name]).abs().max() < 1e-5, name
-    assert len(ckpt["rng"]) == 2 and ckpt["step"] == 4
-    loaded, _ = sample.load_model(str(out), "cpu")  # and sample.py reads it as any other
-    assert loaded.lm_head.weight is loaded.token_embedding.weight
-
-
-class _ScaleStop(Exception):
-    pass
-
-
-@pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("mode", ["max_iters", "epochs"])
-def test_scale_resume_is_exact(tmp_path, monkeypatch, mode):
-    data = _scale_corpus(tmp_path)
-    # dropout on, so the random state must be restored too; epochs: the stop falls inside an epoch
-    run = ["max_iters=8"] if mode == "max_iters" else ["epochs=3", "batch_size=2", "stride=1000"]
-    args = [*_SCALE_TINY, f"data={data}", "dropout=0.1", "eval_interval=3", "ckpt_interval=4", *run]
-    train.main([*args, f"out_dir={tmp_path / 'whole'}"])
-    whole = _scale_ckpt(tmp_path / "whole")
-
-    save = common.save_checkpoint
-
-    def save_then_stop(checkpoint, path):
-        save(checkpoint, path)
-        raise _ScaleStop
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
-    with pytest.raises(_ScaleStop):
-        train.main([*args, f"out_dir={tmp_path / 'halves'}"])
-    assert _scale_ckpt(tmp_path / "halves")["step"] == 4
-    monkeypatch.setattr(train, "save_checkpoint", save)
-    if mode == "max_iters":  # without the preset and model keys: the model comes from the checkpoint
-        args = [arg for arg in args if arg.split("=")[0] not in ("config", "context_length", "dropout")]
-    train.main([*args, "init_from=resume", f"out_dir={tmp_path / 'halves'}"])
-    halves = _scale_ckpt(tmp_path / "halves")
-
-    n_steps = len(whole["history"]["step_loss"])
-    assert halves["step"] == whole["step"] == n_steps
-    assert n_steps == 8 if mode == "max_iters" else n_steps == 9  # epochs: 3 of 3 steps, stopped in the 2nd
-    assert halves["history"] == whole["history"]  # every loss, bit for bit
-    for name, weight in whole["model"].items():
-        assert torch.equal(weight, halves["model"][name]), name
-    for name, state in whole["optimizer"]["state"].items():
-        assert all(torch.equal(v, halves["optimizer"]["state"][name][k]) for k, v in state.items())
-    log = [json.loads(line) for line in open(tmp_path / "halves" / "log.jsonl")]
-    assert [line["step"] for line in log if "loss" in line] == list(range(1, n_steps + 1))  # none twice
-    assert (tmp_path / "halves" / "loss.png").stat().st_size > 0
-
-
-def _scale_logged(out_dir, step):
-    """Whether the run in out_dir has logged the given step (or a later one)."""
-    try:
-        return any(f'"step": {s},' in open(os.path.join(out_dir, "log.jsonl")).read() for s in (step, step + 1))
-    except OSError:
-        return False
-
-
-def test_scale_sigkill_while_checkpointing_leaves_a_resumable_checkpoint(tmp_path):
-    data, out = _scale_corpus(tmp_path), tmp_path / "out"
-    args = [sys.executable, "train.py", *_SCALE_TINY, f"data={data}", f"out_dir={out}", "max_iters=30",
-            "ckpt_interval=1", "eval_interval=1000"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    steps = []
-    for delay in (0.0, 0.003, 0.02):  # after a checkpoint has begun to be written
-        resume = ["init_from=resume"] if steps else []
-        run = subprocess.Popen(args + resume, cwd=HERE, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-        deadline, target = time.monotonic() + 120, (steps[-1] if steps else 0) + 2
-        while not _scale_logged(out, target):  # a few steps on from the last round
-            assert run.poll() is None and time.monotonic() < deadline, "training ended before it was killed"
-            time.sleep(0.01)
-        while not (out / "ckpt.pt.tmp").exists():  # the checkpoint of that step begins to be written
-            assert run.poll() is None and time.monotonic() < deadline, "training ended before it was killed"
-            time.sleep(0.0005)
-        time.sleep(delay)
-        run.kill()
-        run.wait()
-        (out / "ckpt.pt.tmp").unlink(missing_ok=True)  # so that the next round sees its own write begin
-        model, ckpt = sample.load_model(str(out), "cpu")
-        steps.append(ckpt["step"])
-    assert steps == sorted(steps) and steps[-1] > steps[0]  # each round carried on from the last
-    finish = subprocess.run(args + ["init_from=resume"], cwd=HERE, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert finish.returncode == 0, finish.stderr
-    ckpt = _scale_ckpt(out)
-    assert ckpt["step"] == 30 and len(ckpt["history"]["step_loss"]) == 30
-    log = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert [line["step"] for line in log if "loss" in line] == list(range(1, 31))
-
-
-def test_scale_memmap_batches_equal_in_memory_batches(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "PIECE_BYTES", 50)  # many pieces, so many cuts between them
-    tok = common.load_tokenizer("gpt2")
-    data = _scale_corpus(tmp_path)
-    prepare.tokenize_corpus(data, tok)
-    cache, dtype = prepare.token_cache(data, tok)
-    tokens = np.memmap(cache, dtype=dtype, mode="r")
-    ids = np.array(tok.encode(_scale_text()))  # the whole text, encoded at once, in memory
-    assert dtype == np.uint16 and np.array_equal(tokens, ids)
-
-    cfg = train.TrainConfig(batch_size=4, seed=7)
-    for cfg.max_iters in (100, 0):
-        for step in range(12):
-            starts = prepare.batch_starts(step, len(ids), 32, cfg)
-            for from_disk, from_memory in zip(prepare.get_batch(tokens, starts, 32), prepare.get_batch(ids, starts, 32)):
-                assert torch.equal(from_disk, from_memory)
-    # epochs: the book's sliding windows (unfold), each once per epoch, in a new order each epoch
-    windows = torch.from_numpy(ids).unfold(0, 33, 32)  # (n, t + 1)
-    per_epoch = len(windows) // 4
-    seen = [prepare.batch_starts(step, len(ids), 32, cfg) for step in range(2 * per_epoch)]
-    first, second = torch.cat(seen[:per_epoch]), torch.cat(seen[per_epoch:])
-    assert len(set(first.tolist())) == len(first) and not torch.equal(first, second)
-    x, y = prepare.get_batch(tokens, seen[3], 32)
-    assert torch.equal(x, windows[seen[3] // 32, :-1]) and torch.equal(y, windows[seen[3] // 32, 1:])
-    assert not torch.equal(prepare.batch_starts(0, len(ids), 32, train.TrainConfig(batch_size=4, seed=8)),
-                           seen[0])
-
-    # a folder: its .txt files, in order, joined by <|endoftext|>; tokenized again when one changes
-    folder = tmp_path / "books"
-    (folder / "part2").mkdir(parents=True)
-    (folder / "a.txt").write_text("First book. " * 40, encoding="utf-8")
-    (folder / "part2" / "b.txt").write_bytes(_scale_text()[:2000].replace("\n", "\r\n").encode())  # Windows
-    (folder / "notes.md").write_text("not part of the corpus")
-
-    def cached():
-        prepare.tokenize_corpus(str(folder), tok)
-        return np.fromfile(prepare.token_cache(str(folder), tok)[0], dtype=np.uint16)
-
-    assert np.array_equal(cached(), tok.encode("First book. " * 40 + "<|endoftext|>" + _scale_text()[:2000]))
-    (folder / "a.txt").write_text("Second edition. " * 40, encoding="utf-8")
-    assert np.array_equal(cached()[:5], tok.encode("Second edition. " * 40)[:5])
-    monkeypatch.setattr(prepare, "encode_in_order", None)  # unchanged: read from the cache
-    assert len(cached()) > 0
-
-
-def test_scale_init_from_a_checkpoint_starts_from_its_weights(tmp_path, one_thread):
-    data = _scale_corpus(tmp_path)
-    train.main([*_SCALE_TINY, f"data={data}", "max_iters=3", "n_layers=1", f"out_dir={tmp_path / 'a'}"])
-    # lr=0: the weights stay as loaded; the architecture (n_layers=1) comes from the checkpoint, and
-    # keys that say the same as it (context_length=32) may stay; config= may not
-    same = [arg for arg in _SCALE_TINY if not arg.startswith("config=")]
-    with pytest.raises(UserError, match="config=tiny picks a model to train from scratch"):
-        train.main([*_SCALE_TINY, f"data={data}", f"init_from={tmp_path / 'a'}", f"out_dir={tmp_path / 'b'}"])
-    train.main([*same, f"data={data}", "max_iters=1", "lr=0", f"init_from={tmp_path / 'a'}",
-                f"out_dir={tmp_path / 'b'}"])
-    a, b = _scale_ckpt(tmp_path / "a"), _scale_ckpt(tmp_path / "b")
-    assert b["model_config"]["n_layers"] == 1 and b["step"] == 1  # a new run: fresh optimizer and schedule
-    assert all(torch.equal(a["model"][name], weight) for name, weight in b["model"].items())
-
-
-def test_scale_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, one_thread):
-    loss_fn, calls = train.loss_fn, []
-
-    def blows_up_at_step_5(model, x, y):
-        calls.append(model.training)
-        return loss_fn(model, x, y) * (float("nan") if calls.count(True) >= 5 else 1.0)
-
-    monkeypatch.setattr(train, "loss_fn", blows_up_at_step_5)
-    out = tmp_path / "out"
-    with pytest.raises(UserError, match=r"the loss became nan at step 5: .*ckpt.pt from step 4 is kept; lower lr"):
-        train.main([*_SCALE_TINY, f"data={_scale_corpus(tmp_path)}", "max_iters=10", "ckpt_interval=2",
-                    "eval_interval=100", f"out_dir={out}"])
-    assert _scale_ckpt(out)["step"] == 4
-
-
-def test_scale_bad_input_says_what_to_do(tmp_path, one_thread):
-    data = _scale_corpus(tmp_path)
-    base = [*_SCALE_TINY, f"data={data}", f"out_dir={tmp_path / 'out'}", "max_iters=1"]
-    with pytest.raises(UserError, match="launch with torchrun --nproc_per_node=N"):
-        train.main([*base, "fsdp=true"])
-    with pytest.raises(UserError, match="batch_size=4 does not split evenly .* grad_accum=3"):
-        train.main([*base, "batch_size=4", "grad_accum=3"])
-    with pytest.raises(UserError, match="init_from=resume found no checkpoint"):
-        train.main([*base, "init_from=resume"])
-    with pytest.raises(UserError, match="no checkpoint at /no/such/run"):
-        train.main([*base, "init_from=/no/such/run"])
-    train.main([*base, "n_layers=1"])
-    with pytest.raises(UserError, match="holds a gpt2 model with n_layers=1, not the gpt2 model this command"):
-        train.main([*base, "init_from=resume"])  # 2 layers, the tiny preset's
-    (tmp_path / "short.txt").write_text("Far too short for a window. " * 5)
-    with pytest.raises(UserError, match="fewer than one window"):
-        train.main([*base, f"data={tmp_path / 'short.txt'}"])
-    (tmp_path / "no-text").mkdir()
-    with pytest.raises(UserError, match="holds no .txt files"):
-        train.main([*base, f"data={tmp_path / 'no-text'}"])
-    (tmp_path / "a-file").write_text("")
-    with pytest.raises(UserError, match="cannot write to out_dir"):
-        train.main([*base, f"out_dir={tmp_path / 'a-file' / 'out'}"])
-
-
-def test_scale_bad_input_gives_one_line_and_status_2(tmp_path):
-    data = _scale_corpus(tmp_path)
-    base = [*_SCALE_TINY, f"data={data}", f"out_dir={tmp_path / 'out'}", "max_iters=1"]
-    for args in (["fsdp=true"], ["init_from=resume"]):
-        result = run_script("train.py", *base, *args)
-        assert result.returncode == 2 and "Traceback" not in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
-    # under torchrun, process 0 says it once, before torchrun reports the failed processes its own way
-    result = _scale_torchrun(*base, "batch_size=3")
-    assert result.returncode != 0
-    assert result.stderr.count("train.py: batch_size=3 does not split evenly into 2 process(es)") == 1
-
-
-# ---- fast paths -------------------------------------------------------------------------------
+# ---- fast paths: the KV cache, flash attention, last_only, torch.compile
 # What bench.py measures must compute what the readable path computes: the KV cache (with a cache
 # reused across calls), flash attention, logits of the last position only, and torch.compile as
 # sample.py compile=true sets it up; for all three models, batches of 1 and 3, past the context.
@@ -1345,3 +451,1114 @@ def test_fast_compiled_decoding_matches_eager(name):
         assert (prefill[:, 0] - full[:, 4]).abs().max() < 1e-4
         assert (step[:, 0] - full[:, 5]).abs().max() < 1e-4
     assert torch._inductor.config.freezing is False
+
+
+# ===== 2. common.py: the command line, the tokenizer, checkpoint files =================================
+# What every script shares: key=value parsing into the fields' types and its one-line errors,
+# --help, GPT-2's tokenizer offline, and checkpoint files written atomically.
+
+
+# ---- command line
+
+def parsed(*argv, usage="train.py"):
+    model_name, pairs, _ = common.parse_args(list(argv), usage)
+    cfg, model_cfg = train.TrainConfig(), gpt2.Config()
+    common.apply_overrides(pairs, [cfg, model_cfg], usage)
+    return model_name, cfg, model_cfg
+
+
+def test_overrides_are_parsed_into_the_field_types():
+    name, cfg, model_cfg = parsed("--model", "gpt2", "lr=1", "--epochs=3", "flash=False", "stride=None",
+                                  "prompt=a=b c", "n_layers=4", "dropout=0")
+    assert name == "gpt2"
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert cfg.epochs == 3 and cfg.stride is None and cfg.prompt == "a=b c"
+    assert model_cfg.flash is False and model_cfg.n_layers == 4 and model_cfg.dropout == 0.0
+    assert parsed("flash=true")[2].flash is True and parsed("stride=16")[1].stride == 16
+
+
+# The command line's bad input, as every script parses it: the table of train.py's, sample.py's and
+# load_hf.py's own mistakes is in their sections.
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "gpt5"], "unknown model 'gpt5': choose one of gpt2"),
+    (["--model"], "--model needs a name"),
+    (["lrr=0.1"], "did you mean 'lr'"),
+    (["colour=red"], "valid keys are .*batch_size.*n_layers"),  # all of them, in order
+    (["epochs=abc"], "epochs=abc: expected a whole number"),
+    (["lr=fast"], "lr=fast: expected a number"),
+    (["flash=maybe"], "expected true or false"),
+    (["epochs"], "'epochs' is not key=value"),
+])
+def test_bad_overrides_name_the_problem(argv, message):
+    with pytest.raises(UserError, match=message) as e:
+        parsed(*argv)
+    assert "\n" not in str(e.value)
+
+
+def test_help_lists_every_key_with_type_and_default(capsys):
+    train.main(["--help"])
+    out = capsys.readouterr().out
+    for line in ("lr               float        0.0005", "n_layers         int          12",
+                 "stride           int | None   None", "config           str          ''"):
+        assert line in out
+
+
+# ---- tokenizer
+
+def test_tokenizer_matches_gpt2_ids_offline():
+    tok = common.load_tokenizer("gpt2")
+    text = "Hello, do you like tea? <|endoftext|> In the sunlit terraces of someunknownPlace."
+    ids = [15496, 11, 466, 345, 588, 8887, 30, 220, 50256, 554, 262, 4252, 18250, 8812, 2114, 286, 617,
+           34680, 27271, 13]
+    assert tok.encode(text) == ids
+    assert tok.decode(ids) == text
+    assert tok.vocab_size == 50257 and tok.eot_id == 50256
+
+
+# ---- checkpoint files
+
+def test_checkpoint_round_trip(tmp_path):
+    model = tiny_gpt2(n_layers=1)
+    path = str(tmp_path / "ckpt.pt")
+    common.save_checkpoint({"model": model.state_dict(), "model_name": "gpt2",
+                           "model_config": model.cfg.__dict__, "tokenizer": "gpt2"}, path)
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # the temporary file was renamed away
+    loaded, ckpt = sample.load_model(str(tmp_path), "cpu")
+    idx = torch.randint(0, 50257, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(model(idx), loaded.eval()(idx))
+    assert loaded.lm_head.weight is loaded.token_embedding.weight  # still tied
+
+
+# ===== 3. sample.py: generation, sampling, load_model ==================================================
+# generate with and without the KV cache (past the context too), each row of a batch stopping at
+# end of text, top_k and top_p, seeds; then sample.py's bad input, load_model's included.
+
+
+# ---- generation
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_generation_with_and_without_cache_agree(batch):
+    model = tiny_gpt2()  # context 64: 20 + 80 tokens go well past it
+    idx = torch.randint(0, 50257, (batch, 20))
+    with_cache = torch.stack(list(sample.generate(model, idx, 80, use_cache=True)), dim=1)
+    without = torch.stack(list(sample.generate(model, idx, 80, use_cache=False)), dim=1)
+    assert with_cache.shape == (batch, 80)
+    assert torch.equal(with_cache, without)
+
+
+@pytest.mark.parametrize("module, overrides", [
+    (llama2, dict(n_kv_heads=4)),
+    (llama3, dict(n_kv_heads=2)),
+    (llama3, dict(n_kv_heads=1, rope_factor=8.0, rope_original_context=8)),
+], ids=["llama2-mha", "llama3-gqa", "llama3-scaled-mqa"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_llama_generate_same_with_and_without_cache(module, overrides, batch):
+    cfg = module.Config(**{**_LLAMA_TEST, "context_length": 12,
+                           **overrides})
+    model = _llama_randomize(module.Transformer(cfg), seed=2).eval()
+    idx = torch.randint(0, cfg.vocab_size, (batch, 5), generator=torch.Generator().manual_seed(3))
+    n = 20  # 5 + 20 tokens: the window slides past the 12-token context
+    with_cache = torch.stack(list(sample.generate(model, idx, n, temperature=0.0, use_cache=True)), 1)
+    without = torch.stack(list(sample.generate(model, idx, n, temperature=0.0, use_cache=False)), 1)
+    assert with_cache.shape == (batch, n)
+    assert torch.equal(with_cache, without)
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for a model: row r emits token r + 1 until step eot_at[r], then the end token."""
+
+    def __init__(self, eot_at, eot_id=9):
+        super().__init__()
+        self.cfg = gpt2.Config(vocab_size=10, context_length=32)
+        self.eot_at, self.eot_id, self.weight = eot_at, eot_id, torch.nn.Parameter(torch.zeros(1))
+
+    def setup_cache(self, batch_size, max_len):
+        pass
+
+    def forward(self, idx, start_pos=0, use_cache=False, last_only=False):
+        logits = torch.zeros(idx.shape[0], idx.shape[1], 10)
+        for r, step in enumerate(self.eot_at):
+            new = idx.shape[1] + start_pos - 1  # tokens generated so far (prompt: 1 token)
+            logits[r, -1, self.eot_id if new >= step else r + 1] = 1.0
+        return logits
+
+
+def test_batched_generation_stops_each_row_at_end_of_text():
+    model = ScriptedModel(eot_at=[2, 5, 100])
+    out = torch.stack(list(sample.generate(model, torch.zeros(3, 1, dtype=torch.long), 8, eot_id=9)), 1)
+    assert out[0].tolist() == [1, 1, 9, 9, 9, 9, 9, 9]  # row 0 ended, and stays ended
+    assert out[1].tolist() == [2, 2, 2, 2, 2, 9, 9, 9]
+    assert out[2].tolist() == [3] * 8
+    done = list(sample.generate(ScriptedModel(eot_at=[2, 3]), torch.zeros(2, 1, dtype=torch.long), 50,
+                               eot_id=9))
+    assert len(done) == 4  # stops as soon as every row has ended
+
+
+def test_top_k_and_top_p_keep_only_the_likely_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    torch.manual_seed(0)
+    picks = {int(sample.sample_next(logits, 1.0, 2, 1.0)) for _ in range(200)}
+    assert picks == {0, 1}
+    picks = {int(sample.sample_next(logits, 1.0, None, 0.7)) for _ in range(200)}
+    assert picks == {0, 1}  # 0.5 alone is under 0.7; 0.5 + 0.3 covers it
+    picks = {int(sample.sample_next(logits, 1.0, None, 0.4)) for _ in range(50)}
+    assert picks == {0}
+    assert int(sample.sample_next(logits, 0.0, None, 1.0)) == 0  # greedy
+
+
+def test_same_seed_same_sample():
+    model = tiny_gpt2()
+    idx = torch.randint(0, 50257, (2, 5))
+
+    def draw(seed):
+        torch.manual_seed(seed)
+        return torch.stack(list(sample.generate(model, idx, 20, temperature=1.0, top_k=50)), dim=1)
+
+    assert torch.equal(draw(1), draw(1))
+    assert not torch.equal(draw(1), draw(2))
+
+
+# ---- bad input (the table's columns: see bad_input_table at the top)
+
+def _one_layer_checkpoint(tmp):
+    """An untrained 1-layer tiny GPT-2, saved as train.py saves weights: the folder."""
+    model = tiny_gpt2(n_layers=1)
+    common.save_checkpoint({"model": model.state_dict(), "model_name": "gpt2",
+                           "model_config": model.cfg.__dict__, "tokenizer": "gpt2"}, str(tmp / "ckpt.pt"))
+    return str(tmp)
+
+
+def _corrupt_checkpoint(tmp):
+    write(tmp / "ckpt.pt", b"not a checkpoint at all")
+    return str(tmp)
+
+
+# what sample.py and train.py say for a hub id while offline, with nothing in the cache
+_OFFLINE_GPT2 = "^" + re.escape("cannot reach the Hugging Face hub for 'gpt2' (offline?): download it "
+                                "elsewhere and pass the folder, init_from=path/to/folder") + "$"
+
+# the Hugging Face folders come from the helpers of section 4
+_SAMPLE_BAD_INPUT = [
+    ("no-checkpoint", "call", lambda tmp: sample.load_model(str(tmp), "cpu"), "no checkpoint at {tmp}"),
+    ("corrupt-checkpoint", "call", lambda tmp: sample.load_model(_corrupt_checkpoint(tmp), "cpu"),
+     "{tmp}/ckpt.pt is not a checkpoint this project can load"),
+    ("vocab-smaller-than-tokenizer", "call",
+     lambda tmp: sample.main([f"init_from={_hf_save(tmp / 'vocab', **_HF_SMALL, vocab_size=1000)[1]}"]),
+     "the model knows 1000 tokens, fewer than the gpt2 tokenizer's 50257"),
+    ("llama-without-tokenizer", "call", lambda tmp: sample.main([f"init_from={_llama_without_tokenizer(tmp)}"]),
+     "{tmp}/tied has no tokenizer.json: copy the model's tokenizer files"),
+    ("run-no-checkpoint", "run", lambda tmp: ["init_from=/no/such/dir"], "no checkpoint at"),
+    ("run-top_k", "run", lambda tmp: ["top_k=0", f"init_from={_one_layer_checkpoint(tmp)}"], "top_k=0"),
+    ("run-temperature", "run", lambda tmp: ["temperature=-1", f"init_from={_one_layer_checkpoint(tmp)}"],
+     "negative"),
+    ("run-top_p", "run", lambda tmp: ["top_p=1.5", f"init_from={_one_layer_checkpoint(tmp)}"], r"top_p=1\.5"),
+    ("run-offline-hub", "run", lambda tmp: ["init_from=gpt2"], _OFFLINE_GPT2),
+]
+
+
+@bad_input_table(_SAMPLE_BAD_INPUT)
+def test_sample_bad_input_says_what_to_do(tmp_path, how, given, message):
+    says_what_to_do("sample.py", how, given, message, tmp_path)
+
+
+# ===== 4. load_hf.py: GPT-2 and Llama from Hugging Face ================================================
+# Hugging Face folders read into our models: the same logits and greedy tokens as transformers, the
+# real models' configs, older file layouts, shards, bfloat16, and what load_hf.py refuses.
+
+
+# ---- GPT-2
+# transformers' own GPT2LMHeadModel, built from a config and saved with save_pretrained, stands in for
+# the published checkpoints: same files, same names, random weights. Nothing here touches the network.
+
+_HF_SMALL = dict(n_positions=128, n_embd=64, n_layer=2, n_head=4)  # GPT-2's vocabulary, tiny otherwise
+
+
+def _hf_model(seed=0, **config):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**config)).eval()
+
+
+def _hf_save(folder, **config):
+    model = _hf_model(**config)
+    model.save_pretrained(folder)
+    return model, str(folder)
+
+
+def _hf_assert_same(ours, theirs, vocab_size, prompt_len=12, new_tokens=30):
+    """Logits within 1e-4 on a batch of 2, and the same greedy tokens as HF's generate(do_sample=False)."""
+    torch.manual_seed(1)
+    idx = torch.randint(0, vocab_size, (2, prompt_len))
+    ours.eval()
+    with torch.no_grad():
+        diff = (ours(idx) - theirs(idx).logits).abs().max().item()
+    assert diff < 1e-4, diff
+    theirs.generation_config.eos_token_id = None  # generate exactly new_tokens, as ours does without eot_id
+    expected = theirs.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
+                               max_new_tokens=new_tokens, pad_token_id=0)[:, prompt_len:]
+    got = torch.stack(list(sample.generate(ours, idx, new_tokens)), dim=1)
+    assert torch.equal(got, expected)
+    return diff
+
+
+@pytest.fixture(scope="module")
+def _hf_124m(tmp_path_factory):
+    """GPT-2 124M's real config (GPT2Config's defaults), random weights, saved once for the module."""
+    return _hf_save(tmp_path_factory.mktemp("hf-gpt2"))
+
+
+@pytest.mark.parametrize("config", [_HF_SMALL, dict(_HF_SMALL, vocab_size=1000, tie_word_embeddings=False)],
+                         ids=["tied", "untied-vocab1000"])
+def test_hf_small_gpt2_matches_transformers(tmp_path, config):
+    theirs, folder = _hf_save(tmp_path, **config)
+    ours, ckpt = load_hf.load(folder)
+    assert ckpt["model_name"] == "gpt2" and ckpt["model_config"]["context_length"] == 128
+    assert (ours.lm_head.weight is ours.token_embedding.weight) == config.get("tie_word_embeddings", True)
+    assert gpt2.count_parameters(ours) == theirs.num_parameters()
+    _hf_assert_same(ours, theirs, theirs.config.vocab_size)
+
+
+def test_hf_124m_matches_transformers(_hf_124m, one_thread):
+    theirs, folder = _hf_124m
+    ours, _ = load_hf.load(folder)
+    assert gpt2.count_parameters(ours) == theirs.num_parameters() == 124_439_808
+    assert ours.lm_head.weight is ours.token_embedding.weight
+    assert all(p.dtype == torch.float32 for p in ours.parameters())
+    attn = ours.blocks[0].attn  # no copies: wq, wk and wv are views of c_attn's memory-mapped weight
+    assert attn.wq.weight.data_ptr() + 768 * 4 == attn.wk.weight.data_ptr()
+    _hf_assert_same(ours, theirs, 50257)
+
+
+@pytest.mark.parametrize("size, d, layers, heads, expected", [
+    ("gpt2", 768, 12, 12, 124_439_808), ("gpt2-medium", 1024, 24, 16, 354_823_168),
+    ("gpt2-large", 1280, 36, 20, 774_030_080), ("gpt2-xl", 1600, 48, 25, 1_557_611_200)])
+def test_hf_parameter_counts_of_all_sizes(size, d, layers, heads, expected):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    config = GPT2Config(n_embd=d, n_layer=layers, n_head=heads)
+    _, _, cfg = load_hf.gpt2_config(config.to_dict(), size)
+    with torch.device("meta"):  # shapes only
+        theirs, ours = GPT2LMHeadModel(config), gpt2.Transformer(cfg)
+    assert gpt2.count_parameters(ours) == theirs.num_parameters() == expected
+
+
+def test_hf_older_layouts_shards_and_dtype(tmp_path):
+    """Files as the hub's older checkpoints hold them (GPT2Model's names, causal-mask buffers), as
+    pytorch_model.bin, in shards, and in bfloat16."""
+    from safetensors.torch import save_file
+    theirs, folder = _hf_save(tmp_path / "new", **_HF_SMALL)
+    state = {k.removeprefix("transformer."): v for k, v in theirs.state_dict().items() if k != "lm_head.weight"}
+    state |= {f"h.{i}.attn.bias": torch.ones(1, 1, 128, 128).tril() for i in range(2)}
+    for name, save in [("model.safetensors", save_file), ("pytorch_model.bin", torch.save)]:
+        old = tmp_path / name
+        old.mkdir()
+        (old / "config.json").write_text(open(os.path.join(folder, "config.json")).read())
+        save(state, str(old / name))
+        _hf_assert_same(load_hf.load(str(old))[0], theirs, 50257, new_tokens=5)
+    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="2MB")
+    assert len([f for f in os.listdir(tmp_path / "sharded") if f.endswith(".safetensors")]) > 1
+    _hf_assert_same(load_hf.load(str(tmp_path / "sharded"))[0], theirs, 50257, new_tokens=5)
+
+    theirs.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert next(load_hf.load(str(tmp_path / "bf16"))[0].parameters()).dtype == torch.float32
+    kept, _ = load_hf.load(str(tmp_path / "bf16"), dtype=None)
+    assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
+    assert torch.equal(kept.blocks[1].attn.wk.weight,
+                       theirs.transformer.h[1].attn.c_attn.weight[:, 64:128].t())  # Conv1D, fused qkv
+
+
+# ---- Llama
+# Logits and greedy tokens of each small LlamaConfig of section 1 against LlamaForCausalLM, RoPE
+# scaling, bfloat16, the real models' config.json files, older layouts, shards.
+
+@pytest.mark.parametrize("name", list(_LLAMA_HF_CONFIGS))
+def test_llama_from_hf_matches_transformers(name, tmp_path):
+    """Logits within 1e-4 (float32, a batch of 2), then the same 20 greedy tokens as HF's generate."""
+    hf_model, model, module, seq_len = _llama_saved(name, tmp_path)
+    idx = _llama_ids(hf_model, 2, seq_len)
+    with torch.no_grad():
+        expected = hf_model(idx).logits
+        got = model(idx)
+    diff = _llama_max_diff(got, expected)
+    print(f"{name}: float32 max |logit difference| vs transformers {diff:.2e}"
+          f" (logits up to {expected.abs().max().item():.1f})")
+    assert diff < 1e-4
+    assert (model.lm_head.weight is model.token_embedding.weight) == model.cfg.tie_weights
+    assert module.count_parameters(model) == hf_model.num_parameters()
+
+    hf_model.generation_config.eos_token_id = None  # exactly 20 tokens, as ours without eot_id
+    theirs = hf_model.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
+                               max_new_tokens=20, pad_token_id=0)[:, seq_len:]
+    ours = torch.stack(list(sample.generate(model, idx, 20)), dim=1)  # greedy, with the KV cache
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("name", [n for n in _LLAMA_HF_CONFIGS if "scaled" in n])
+def test_llama_rope_scaling_is_used(name, tmp_path):
+    """The seed notebook computed the Llama 3.1 frequencies, then used the unscaled ones."""
+    hf_model, model, module, seq_len = _llama_saved(name, tmp_path)
+    hf_freqs = hf_model.model.rotary_emb.inv_freq
+    unscaled = module.rope_frequencies(module.Config(**{**vars(model.cfg), "rope_factor": None}))
+    assert torch.allclose(module.rope_frequencies(model.cfg), hf_freqs, rtol=1e-6, atol=0)
+    kept = torch.isclose(hf_freqs, unscaled, rtol=1e-6, atol=0)
+    scaled = torch.isclose(hf_freqs, unscaled / model.cfg.rope_factor, rtol=1e-6, atol=0)
+    assert kept.any() and scaled.any() and (~kept & ~scaled).any()  # all three bands are exercised
+    assert seq_len > model.cfg.rope_original_context
+    # and the test above would catch a model that forgot the scaling
+    model.cfg.rope_factor = None
+    idx = _llama_ids(hf_model, 2, seq_len)
+    with torch.no_grad():
+        assert _llama_max_diff(model(idx), hf_model(idx).logits) > 1e-2
+
+
+@pytest.mark.parametrize("name", ["llama2-gqa", "llama3.1-scaled-mqa", "llama3.2-scaled-tied"])
+def test_llama_bfloat16_close_to_transformers(name, tmp_path):
+    """Saved in bfloat16, as the published Llama 3 checkpoints are: load_hf.py keeps it with dtype=None."""
+    hf_model, module, seq_len = _llama_hf(name)
+    idx = _llama_ids(hf_model, 2, seq_len)
+    with torch.no_grad():
+        reference = hf_model(idx).logits  # float32
+        inv_freq = hf_model.model.rotary_emb.inv_freq
+        hf_model.to(torch.bfloat16)
+        # from_pretrained(dtype=bfloat16) keeps this buffer in float32; .to() would round it
+        hf_model.model.rotary_emb.inv_freq = inv_freq
+        hf_model.save_pretrained(tmp_path)
+        model, ckpt = load_hf.load(str(tmp_path), dtype=None)
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        assert ckpt["model_config"]["dtype"] == "bfloat16"  # so that a converted checkpoint rebuilds it so
+        assert load_hf.load(str(tmp_path))[1]["model_config"]["dtype"] == "float32"  # load's default
+        got, expected = model.eval()(idx), hf_model(idx).logits
+    diff = _llama_max_diff(got, expected)
+    print(f"{name}: bfloat16 max |logit difference| vs transformers in bfloat16 {diff:.2e}; "
+          f"vs float32: ours {_llama_max_diff(got, reference):.3f}, "
+          f"transformers {_llama_max_diff(expected, reference):.3f}"
+          f" (logits up to {reference.abs().max().item():.1f})")
+    assert diff < 0.1  # bf16 itself moves these logits by ~0.07 from float32; we match HF to 0.000
+
+
+_LLAMA_REAL_CONFIGS = {  # config.json of the published checkpoints (their transformers 4.x layout)
+    "llama2-7b": dict(
+        hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32,
+        num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-05, rope_scaling=None,
+        tie_word_embeddings=False, torch_dtype="float16", vocab_size=32000),
+    "llama2-70b": dict(
+        hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_hidden_layers=80,
+        num_key_value_heads=8, max_position_embeddings=4096, rms_norm_eps=1e-05, rope_scaling=None,
+        tie_word_embeddings=False, torch_dtype="float16", vocab_size=32000),
+    "llama3-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_hidden_layers=32,
+        num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-05, rope_scaling=None,
+        rope_theta=500000.0, tie_word_embeddings=False, torch_dtype="bfloat16", vocab_size=128256),
+    "llama3.1-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_hidden_layers=32,
+        num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-05,
+        rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192, rope_type="llama3"),
+        rope_theta=500000.0, tie_word_embeddings=False, torch_dtype="bfloat16", vocab_size=128256),
+    "llama3.2-1b": dict(
+        head_dim=64, hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_hidden_layers=16,
+        num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-05,
+        rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192, rope_type="llama3"),
+        rope_theta=500000.0, tie_word_embeddings=True, torch_dtype="bfloat16", vocab_size=128256),
+}
+
+
+@pytest.mark.parametrize("preset", list(_LLAMA_REAL_CONFIGS))
+def test_llama_real_configs_give_our_presets(preset):
+    """The published config.json files pick the right file and give its preset (old layout: rope_theta
+    and rope_scaling beside each other, torch_dtype); in transformers 5's layout too."""
+    hf = dict(_LLAMA_REAL_CONFIGS[preset], model_type="llama", hidden_act="silu", attention_bias=False)
+    module = llama2 if preset.startswith("llama2") else llama3
+    expected = module.Config(**{**module.PRESETS[preset], "dtype": hf["torch_dtype"]})
+    assert load_hf.llama_config(hf, preset) == (module.__name__, preset, expected)
+    new_layout = LlamaConfig(**{k: v for k, v in hf.items() if k != "torch_dtype"}, dtype=hf["torch_dtype"])
+    assert load_hf.llama_config(new_layout.to_dict(), preset) == (module.__name__, preset, expected)
+
+
+def _llama_folder(folder, config=None, drop=None, reshape=None, name="llama2-gqa"):
+    """A small random Llama checkpoint, with config.json changed (a None value removes the key), or a
+    tensor dropped or reshaped. Returns the folder and the LlamaForCausalLM it holds."""
+    from safetensors.torch import save_file
+    hf_model, _, _ = _llama_hf(name)
+    hf_model.save_pretrained(folder)
+    if config:
+        hf = json.loads((folder / "config.json").read_text())
+        hf = {k: v for k, v in {**hf, **config}.items() if v is not None}
+        (folder / "config.json").write_text(json.dumps(hf))
+    if drop or reshape:
+        state = {k: v.clone() for k, v in hf_model.state_dict().items() if k != drop}
+        if reshape:
+            state[reshape] = state[reshape][:, :-1].contiguous()
+        save_file(state, str(folder / "model.safetensors"))
+    return str(folder), hf_model
+
+
+def test_llama_older_config_layout_and_shards(tmp_path):
+    new, theirs = _llama_folder(tmp_path / "new", name="llama3.2-scaled-tied")
+    rope = theirs.config.rope_parameters
+    old, _ = _llama_folder(tmp_path / "old", name="llama3.2-scaled-tied", config=dict(  # transformers 4.x
+        rope_parameters=None, dtype=None, head_dim=None, torch_dtype="float32", rope_theta=rope["rope_theta"],
+        rope_scaling={"type" if k == "rope_type" else k: v for k, v in rope.items() if k != "rope_theta"}))
+    assert load_hf.load(old)[1] == {**load_hf.load(new)[1], "tokenizer": old, "source": old}
+
+    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    shards = sorted(f for f in os.listdir(tmp_path / "sharded") if f.endswith(".safetensors"))
+    assert len(shards) > 1 and os.path.isfile(tmp_path / "sharded" / "model.safetensors.index.json")
+    sharded, ckpt = load_hf.load(str(tmp_path / "sharded"))
+    assert ckpt["model_name"] == "llama3" and sharded.lm_head.weight is sharded.token_embedding.weight
+    idx = _llama_ids(theirs, 2, 80)
+    with torch.no_grad():
+        assert _llama_max_diff(sharded(idx), theirs(idx).logits) < 1e-4
+    os.remove(tmp_path / "sharded" / shards[1])
+    with pytest.raises(UserError, match=f"lacks {shards[1]}, a shard its model.safetensors.index.json lists"):
+        load_hf.load(str(tmp_path / "sharded"))
+
+
+# ---- bad input (the table's columns: see bad_input_table at the top)
+
+def _hf_broken(folder, config=None, drop=None, reshape=None):
+    """A copy of a small checkpoint, with config.json changed, or a tensor dropped or reshaped."""
+    from safetensors.torch import save_file
+    os.makedirs(folder)
+    theirs = _hf_model(**_HF_SMALL)
+    (folder / "config.json").write_text(json.dumps({**theirs.config.to_dict(), **(config or {})}))
+    state = {k: v.clone() for k, v in theirs.state_dict().items() if k not in ("lm_head.weight", drop)}
+    if reshape:
+        state[reshape] = state[reshape][:, :-1].contiguous()
+    save_file(state, str(folder / "model.safetensors"))
+    return str(folder)
+
+
+def _gpt2_load(tmp, **changes):
+    """load_hf.load of a small GPT-2 folder, changed as _hf_broken changes it."""
+    return load_hf.load(_hf_broken(tmp / "gpt2", **changes))
+
+
+def _gpt2_files(tmp, weights=None, config=None):
+    """A small GPT-2 folder without its model.safetensors, or with the bytes weights in its place; and
+    with the text config as its config.json."""
+    folder = _hf_broken(tmp / "drop", drop="transformer.h.1.ln_2.bias")
+    os.remove(tmp / "drop" / "model.safetensors")
+    if weights is not None:
+        write(tmp / "drop" / "model.safetensors", weights)
+    if config is not None:
+        write(tmp / "drop" / "config.json", config)
+    return folder
+
+
+def _load_from_empty_offline_hub(tmp, repo_id):
+    import huggingface_hub.constants
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp / "hf-cache"))
+        load_hf.load(repo_id)
+
+
+def _llama_load(tmp, **changes):
+    """load_hf.load of a small Llama folder, changed as _llama_folder changes it."""
+    return load_hf.load(_llama_folder(tmp / "llama", **changes)[0])
+
+
+def _llama_without_tokenizer(tmp):
+    """A small Llama folder that loads, with a tied head, but holds no tokenizer files."""
+    folder, _ = _llama_folder(tmp / "tied", config=dict(tie_word_embeddings=True), drop="lm_head.weight")
+    assert load_hf.load(folder)[1]["model_config"]["tie_weights"]  # a tied head is not stored
+    return folder
+
+
+def _convert_without_tokenizer(tmp):
+    """load_hf.py's main on a Llama folder without a tokenizer: it says so before it writes anything."""
+    try:
+        load_hf.main([_llama_without_tokenizer(tmp), f"out_dir={tmp / 'out'}"])
+    finally:
+        assert not os.path.exists(tmp / "out")
+
+
+_SAFETENSORS_CUT_SHORT = b"\x10\x00\x00\x00\x00\x00\x00\x00{not json"
+
+_LOAD_HF_BAD_INPUT = [
+    # where the weights should be
+    ("nowhere", "call", lambda tmp: load_hf.load(str(tmp / "nowhere")), "no checkpoint at"),
+    ("empty-folder", "call", lambda tmp: load_hf.load(write(tmp / "empty")),
+     "no checkpoint at .*expected ckpt.pt"),
+    ("no-weights", "call", lambda tmp: load_hf.load(_gpt2_files(tmp)),
+     "no model.safetensors or pytorch_model.bin"),
+    ("unreadable-weights", "call", lambda tmp: load_hf.load(_gpt2_files(tmp, weights=_SAFETENSORS_CUT_SHORT)),
+     "cannot read .*model.safetensors"),
+    ("unreadable-config", "call",
+     lambda tmp: load_hf.load(_gpt2_files(tmp, weights=_SAFETENSORS_CUT_SHORT, config="{'model_type': gpt2")),
+     "cannot read .*config.json"),
+    ("offline-hub", "call",
+     lambda tmp: _load_from_empty_offline_hub(tmp, "llm-from-scratch-tests/no-such-gpt2"),
+     "cannot reach the Hugging Face hub for 'llm-from-scratch-tests/no-such-gpt2' \\(offline\\?\\): "
+     "download it elsewhere and pass the folder"),
+    # GPT-2 folders that are not GPT-2's architecture, or whose weights do not fit config.json
+    ("gpt2-bert", "call", lambda tmp: _gpt2_load(tmp, config={"model_type": "bert"}), "holds a 'bert' model"),
+    ("gpt2-relu", "call", lambda tmp: _gpt2_load(tmp, config={"activation_function": "relu"}),
+     "activation_function=relu"),
+    ("gpt2-n_inner", "call", lambda tmp: _gpt2_load(tmp, config={"n_inner": 100}), "n_inner=100"),
+    ("gpt2-shape", "call", lambda tmp: _gpt2_load(tmp, reshape="transformer.h.1.attn.c_attn.weight"),
+     r"h.1.attn.c_attn.weight has shape \(64, 191\) .*\(64, 192\)"),  # both shapes
+    ("gpt2-missing-tensor", "call", lambda tmp: _gpt2_load(tmp, drop="transformer.h.1.ln_2.bias"),
+     "has no tensor h.1.ln_2.bias"),
+    # Llama folders: config.json changes llama2.py and llama3.py do not implement, then the weights
+    ("llama-mistral", "call", lambda tmp: _llama_load(tmp, config=dict(model_type="mistral")),
+     "holds a 'mistral' model .*load_hf.py reads gpt2, llama"),
+    ("llama-attention_bias", "call", lambda tmp: _llama_load(tmp, config=dict(attention_bias=True)),
+     "sets attention_bias=True, which llama2.py and llama3.py do not implement"),
+    ("llama-mlp_bias", "call", lambda tmp: _llama_load(tmp, config=dict(mlp_bias=True)), "sets mlp_bias=True"),
+    ("llama-gelu", "call", lambda tmp: _llama_load(tmp, config=dict(hidden_act="gelu")),
+     "sets hidden_act=gelu"),
+    ("llama-head_dim", "call", lambda tmp: _llama_load(tmp, config=dict(head_dim=16)), "sets head_dim=16"),
+    ("llama-yarn", "call", lambda tmp: _llama_load(tmp, config=dict(
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0})), "rope_type=yarn"),
+    ("llama-linear-rope", "call", lambda tmp: _llama_load(tmp, config=dict(
+        rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0})), "rope_type=linear"),
+    ("llama-kv-heads", "call", lambda tmp: _llama_load(tmp, config=dict(num_key_value_heads=3)),
+     "num_attention_heads=8 must divide hidden_size=64 and be a multiple of num_key_value_heads=3"),
+    ("llama3-scaling-without-factor", "call", lambda tmp: _llama_load(tmp, config=dict(rope_parameters={
+        "rope_type": "llama3", "rope_theta": 5e5, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32})), "llama3 RoPE scaling lacks factor"),
+    ("llama-shape", "call", lambda tmp: _llama_load(tmp, reshape="model.layers.1.self_attn.k_proj.weight"),
+     r"layers.1.self_attn.k_proj.weight has shape \(16, 63\) .*\(16, 64\)"),  # both shapes
+    ("llama-missing-tensor", "call", lambda tmp: _llama_load(tmp, drop="model.layers.1.mlp.up_proj.weight"),
+     "has no tensor layers.1.mlp.up_proj.weight, which a llama2 of this config.json needs"),
+    ("llama-untied-without-lm_head", "call", lambda tmp: _llama_load(tmp, drop="lm_head.weight"),
+     "has no tensor lm_head.weight"),
+    ("llama-convert-without-tokenizer", "call", _convert_without_tokenizer,
+     "{tmp}/tied has no tokenizer.json: copy the model's tokenizer files"),
+]
+
+
+@bad_input_table(_LOAD_HF_BAD_INPUT)
+def test_load_hf_bad_input_says_what_to_do(tmp_path, how, given, message):
+    says_what_to_do("load_hf.py", how, given, message, tmp_path)
+
+
+# ===== 5. data/prepare.py: the token cache and the training windows ====================================
+# A corpus tokenized in pieces into a memmap gives the ids of the whole text; batches and the
+# book's sliding windows read from it equal those read from memory.
+
+def _corpus_text():
+    """A text with the things a tokenizer cut could trip on: numbers, punctuation, runs of spaces and
+    newlines, contractions, accents, <|endoftext|>."""
+    lines = ["The painter sat by the window, and looked at the sea.", "Every effort moves you 1234 steps",
+             "closer to the picture you want;  she didn't laugh\u2014but the light changed   ", "",
+             "on the water of caf\u00e9 Gisburn<|endoftext|>Then, 3.14 years later...\t\"Why?\" he asked."]
+    return "\n".join(lines[i % len(lines)] + f" {i}" * (i % 3) for i in range(400))
+
+
+def _corpus_file(tmp_path):
+    """_corpus_text in tmp_path/corpus.txt; the training runs of section 6 use it too."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(_corpus_text(), encoding="utf-8")
+    return str(path)
+
+
+def test_memmap_batches_equal_in_memory_batches(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "PIECE_BYTES", 50)  # many pieces, so many cuts between them
+    tok = common.load_tokenizer("gpt2")
+    data = _corpus_file(tmp_path)
+    prepare.tokenize_corpus(data, tok)
+    cache, dtype = prepare.token_cache(data, tok)
+    tokens = np.memmap(cache, dtype=dtype, mode="r")
+    ids = np.array(tok.encode(_corpus_text()))  # the whole text, encoded at once, in memory
+    assert dtype == np.uint16 and np.array_equal(tokens, ids)
+
+    cfg = train.TrainConfig(batch_size=4, seed=7)
+    for cfg.max_iters in (100, 0):
+        for step in range(12):
+            starts = prepare.batch_starts(step, len(ids), 32, cfg)
+            for from_disk, from_memory in zip(prepare.get_batch(tokens, starts, 32), prepare.get_batch(ids, starts, 32)):
+                assert torch.equal(from_disk, from_memory)
+    # epochs: the book's sliding windows (unfold), each once per epoch, in a new order each epoch
+    windows = torch.from_numpy(ids).unfold(0, 33, 32)  # (n, t + 1)
+    per_epoch = len(windows) // 4
+    seen = [prepare.batch_starts(step, len(ids), 32, cfg) for step in range(2 * per_epoch)]
+    first, second = torch.cat(seen[:per_epoch]), torch.cat(seen[per_epoch:])
+    assert len(set(first.tolist())) == len(first) and not torch.equal(first, second)
+    x, y = prepare.get_batch(tokens, seen[3], 32)
+    assert torch.equal(x, windows[seen[3] // 32, :-1]) and torch.equal(y, windows[seen[3] // 32, 1:])
+    assert not torch.equal(prepare.batch_starts(0, len(ids), 32, train.TrainConfig(batch_size=4, seed=8)),
+                           seen[0])
+
+    # a folder: its .txt files, in order, joined by <|endoftext|>; tokenized again when one changes
+    folder = tmp_path / "books"
+    (folder / "part2").mkdir(parents=True)
+    (folder / "a.txt").write_text("First book. " * 40, encoding="utf-8")
+    (folder / "part2" / "b.txt").write_bytes(_corpus_text()[:2000].replace("\n", "\r\n").encode())  # Windows
+    (folder / "notes.md").write_text("not part of the corpus")
+
+    def cached():
+        prepare.tokenize_corpus(str(folder), tok)
+        return np.fromfile(prepare.token_cache(str(folder), tok)[0], dtype=np.uint16)
+
+    assert np.array_equal(cached(), tok.encode("First book. " * 40 + "<|endoftext|>" + _corpus_text()[:2000]))
+    (folder / "a.txt").write_text("Second edition. " * 40, encoding="utf-8")
+    assert np.array_equal(cached()[:5], tok.encode("Second edition. " * 40)[:5])
+    monkeypatch.setattr(prepare, "encode_in_order", None)  # unchanged: read from the cache
+    assert len(cached()) > 0
+
+
+# ===== 6. train.py: training runs, pretrained weights, resume, DDP and FSDP ============================
+# Short runs of the tiny preset in process: the loss falls, pretrained weights and checkpoints to start
+# from, resuming exactly; two processes under torchrun; a run killed while it checkpoints; bad input.
+
+# a run of seconds: the tiny preset (2 layers) with 32-token windows, on the CPU in float32
+_TINY_RUN = ["config=tiny", "context_length=32", "dtype=float32", "device=cpu", "eval_iters=1", "lr=1e-3",
+             "warmup_steps=2"]
+
+
+def _read_ckpt(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
+
+
+# ---- training runs
+
+def test_tiny_model_loss_falls(tmp_path, story, capsys):
+    train.main(["config=tiny", f"data={story}", f"out_dir={tmp_path}", "epochs=4", "lr=3e-3",
+                "warmup_steps=2", "device=cpu", "dtype=float32", "batch_size=4"])
+    history = torch.load(tmp_path / "ckpt.pt", weights_only=True)["history"]
+    assert history["train"][-1] < history["train"][0] - 1.0
+    assert history["step_loss"][-1] < history["step_loss"][0] - 3.0
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert "epoch  4" in capsys.readouterr().out
+
+
+def _on_pretrained(tmp, *extra):
+    """One epoch of the story, from a small GPT-2 that transformers saved in tmp/hf."""
+    _, folder = _hf_save(tmp / "hf", **_HF_SMALL)
+    return [f"init_from={folder}", f"data={write_story(tmp)}", f"out_dir={tmp / 'out'}", "device=cpu",
+            "dtype=float32", "epochs=1", *extra]
+
+
+def test_hf_train_continues_pretrained_weights(tmp_path):
+    # what may not change (n_layers=, config=, a longer seq_len=): see the bad-input table below
+    train.main(_on_pretrained(tmp_path, "seq_len=64", "batch_size=4", "dropout=0", "flash=true", "lr=0",
+                              "min_lr=0", "weight_decay=0"))
+    folder = str(tmp_path / "hf")
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    assert ckpt["model_config"]["d_model"] == 64 and ckpt["model_config"]["flash"] is True
+    assert ckpt["train_config"]["init_from"] == folder and ckpt["train_config"]["seq_len"] == 64
+    pretrained, _ = load_hf.load(folder)
+    assert torch.equal(ckpt["model"]["blocks.1.mlp.up.weight"], pretrained.blocks[1].mlp.up.weight)  # lr=0
+
+
+def test_init_from_a_checkpoint_starts_from_its_weights(tmp_path, one_thread):
+    data = _corpus_file(tmp_path)
+    train.main([*_TINY_RUN, f"data={data}", "max_iters=3", "n_layers=1", f"out_dir={tmp_path / 'a'}"])
+    # lr=0: the weights stay as loaded; the architecture (n_layers=1) comes from the checkpoint, and
+    # keys that say the same as it (context_length=32) may stay; config= may not
+    same = [arg for arg in _TINY_RUN if not arg.startswith("config=")]
+    with pytest.raises(UserError, match="config=tiny picks a model to train from scratch"):
+        train.main([*_TINY_RUN, f"data={data}", f"init_from={tmp_path / 'a'}", f"out_dir={tmp_path / 'b'}"])
+    train.main([*same, f"data={data}", "max_iters=1", "lr=0", f"init_from={tmp_path / 'a'}",
+                f"out_dir={tmp_path / 'b'}"])
+    a, b = _read_ckpt(tmp_path / "a"), _read_ckpt(tmp_path / "b")
+    assert b["model_config"]["n_layers"] == 1 and b["step"] == 1  # a new run: fresh optimizer and schedule
+    assert all(torch.equal(a["model"][name], weight) for name, weight in b["model"].items())
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, one_thread):
+    loss_fn, calls = train.loss_fn, []
+
+    def blows_up_at_step_5(model, x, y):
+        calls.append(model.training)
+        return loss_fn(model, x, y) * (float("nan") if calls.count(True) >= 5 else 1.0)
+
+    monkeypatch.setattr(train, "loss_fn", blows_up_at_step_5)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"the loss became nan at step 5: .*ckpt.pt from step 4 is kept; lower lr"):
+        train.main([*_TINY_RUN, f"data={_corpus_file(tmp_path)}", "max_iters=10", "ckpt_interval=2",
+                    "eval_interval=100", f"out_dir={out}"])
+    assert _read_ckpt(out)["step"] == 4
+
+
+# ---- scale: DDP, FSDP, resume
+
+def _scale_torchrun(*args):
+    """train.py in 2 processes with the gloo backend, as torchrun --standalone picks a free port."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", *args], cwd=HERE, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def _scale_one_process(tmp_path_factory):
+    """The reference: one process, the step's batch of 4 windows as 2 micro-batches of 2."""
+    tmp = tmp_path_factory.mktemp("scale")
+    data = _corpus_file(tmp)
+    args = [*_TINY_RUN, f"data={data}", "max_iters=4", "batch_size=4", "eval_interval=2"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train.main([*args, "grad_accum=2", f"out_dir={tmp / 'one'}"])
+    torch.set_num_threads(threads)
+    return args, _read_ckpt(tmp / "one"), tmp
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_scale_two_processes_match_one_process(_scale_one_process, mode):
+    args, reference, tmp = _scale_one_process
+    out = tmp / mode
+    result = _scale_torchrun(*args, "grad_accum=1", f"fsdp={mode == 'fsdp'}", f"out_dir={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("step     4  train loss") == 1  # only process 0 prints
+    ckpt = _read_ckpt(out)
+    for key in ("step_loss", "train", "val"):
+        assert len(ckpt["history"][key]) == len(reference["history"][key])
+        assert max(abs(a - b) for a, b in zip(ckpt["history"][key], reference["history"][key])) < 1e-5
+    assert ckpt["model"].keys() == reference["model"].keys()  # the full state dict, gathered under FSDP
+    for name, weight in ckpt["model"].items():
+        assert (weight - reference["model"][name]).abs().max() < 1e-5, name
+    assert len(ckpt["rng"]) == 2 and ckpt["step"] == 4
+    loaded, _ = sample.load_model(str(out), "cpu")  # and sample.py reads it as any other
+    assert loaded.lm_head.weight is loaded.token_embedding.weight
+
+
+class _ScaleStop(Exception):
+    pass
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("mode", ["max_iters", "epochs"])
+def test_scale_resume_is_exact(tmp_path, monkeypatch, mode):
+    data = _corpus_file(tmp_path)
+    # dropout on, so the random state must be restored too; epochs: the stop falls inside an epoch
+    run = ["max_iters=8"] if mode == "max_iters" else ["epochs=3", "batch_size=2", "stride=1000"]
+    args = [*_TINY_RUN, f"data={data}", "dropout=0.1", "eval_interval=3", "ckpt_interval=4", *run]
+    train.main([*args, f"out_dir={tmp_path / 'whole'}"])
+    whole = _read_ckpt(tmp_path / "whole")
+
+    save = common.save_checkpoint
+
+    def save_then_stop(checkpoint, path):
+        save(checkpoint, path)
+        raise _ScaleStop
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
+    with pytest.raises(_ScaleStop):
+        train.main([*args, f"out_dir={tmp_path / 'halves'}"])
+    assert _read_ckpt(tmp_path / "halves")["step"] == 4
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    if mode == "max_iters":  # without the preset and model keys: the model comes from the checkpoint
+        args = [arg for arg in args if arg.split("=")[0] not in ("config", "context_length", "dropout")]
+    train.main([*args, "init_from=resume", f"out_dir={tmp_path / 'halves'}"])
+    halves = _read_ckpt(tmp_path / "halves")
+
+    n_steps = len(whole["history"]["step_loss"])
+    assert halves["step"] == whole["step"] == n_steps
+    assert n_steps == 8 if mode == "max_iters" else n_steps == 9  # epochs: 3 of 3 steps, stopped in the 2nd
+    assert halves["history"] == whole["history"]  # every loss, bit for bit
+    for name, weight in whole["model"].items():
+        assert torch.equal(weight, halves["model"][name]), name
+    for name, state in whole["optimizer"]["state"].items():
+        assert all(torch.equal(v, halves["optimizer"]["state"][name][k]) for k, v in state.items())
+    log = [json.loads(line) for line in open(tmp_path / "halves" / "log.jsonl")]
+    assert [line["step"] for line in log if "loss" in line] == list(range(1, n_steps + 1))  # none twice
+    assert (tmp_path / "halves" / "loss.png").stat().st_size > 0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_checkpoint_in_todays_layout_loads_in_sample_and_resumes_in_train(tmp_path, capsys):
+    """A checkpoint built by hand with the keys train.py writes today, so that it stays today's layout
+    when train.py changes: sample.py still loads it, and train.py still resumes it."""
+    data, out = _corpus_file(tmp_path), tmp_path / "run"
+    # the run of _TINY_RUN with max_iters=4, stopped after its checkpoint at step 1
+    model_cfg = gpt2.Config(**{**gpt2.PRESETS["tiny"], "context_length": 32})
+    cfg = train.TrainConfig(data=data, config="tiny", out_dir=str(out), max_iters=4, ckpt_interval=1, lr=1e-3,
+                            warmup_steps=2, eval_iters=1, device="cpu", dtype="float32")
+    torch.manual_seed(0)
+    model = gpt2.Transformer(model_cfg)
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # as train.build_model groups them
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, fused=True)
+    tokens = torch.randint(0, model_cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
+    loss = train.loss_fn(model, tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    # the optimizer as train.py's save_training writes it: keyed by parameter name (a plain
+    # optimizer.state_dict(), keyed by number, does not load: KeyError 'state.0.step')
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))
+    tokens_seen = cfg.batch_size * model_cfg.context_length
+    os.makedirs(out)
+    common.save_checkpoint({
+        "model_name": "gpt2",
+        "model_config": dataclasses.asdict(model_cfg),
+        "train_config": dataclasses.asdict(cfg),
+        "tokenizer": "gpt2",
+        "history": {"step_tokens": [tokens_seen], "step_loss": [loss.item()], "tokens": [tokens_seen],
+                    "train": [loss.item()], "val": [loss.item()]},
+        "step": 1,
+        "model": model.state_dict(),
+        "optimizer": optimizer_state,
+        "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
+        "rng": [{"cpu": torch.get_rng_state()}],
+    }, str(out / "ckpt.pt"))
+
+    loaded, ckpt = sample.load_model(str(out), "cpu")
+    idx = torch.randint(0, model_cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(idx), model.eval()(idx))  # the saved weights
+    assert ckpt["step"] == 1 and loaded.lm_head.weight is loaded.token_embedding.weight
+    sample.main([f"init_from={out}", "max_new_tokens=5", "temperature=0"])
+    text = capsys.readouterr().out
+    assert text.startswith("Every effort moves you") and len(text.strip()) > len("Every effort moves you")
+
+    train.main([*_TINY_RUN, f"data={data}", f"out_dir={out}", "init_from=resume", "max_iters=4"])
+    assert "from step 1" in capsys.readouterr().out
+    resumed = _read_ckpt(out)
+    assert resumed["step"] == 4 and resumed["history"]["step_loss"][0] == loss.item()
+    assert resumed["history"]["step_tokens"] == [tokens_seen * step for step in range(1, 5)]
+    assert len(resumed["history"]["val"]) == 4
+    # AdamW carried on from the saved state, its first step: three more make 4
+    assert all(state["step"] == 4 for state in resumed["optimizer"]["state"].values())
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [line["step"] for line in log if "loss" in line] == [2, 3, 4]
+
+
+def _scale_logged(out_dir, step):
+    """Whether the run in out_dir has logged the given step (or a later one)."""
+    try:
+        return any(f'"step": {s},' in open(os.path.join(out_dir, "log.jsonl")).read() for s in (step, step + 1))
+    except OSError:
+        return False
+
+
+def test_scale_sigkill_while_checkpointing_leaves_a_resumable_checkpoint(tmp_path):
+    data, out = _corpus_file(tmp_path), tmp_path / "out"
+    args = [sys.executable, "train.py", *_TINY_RUN, f"data={data}", f"out_dir={out}", "max_iters=30",
+            "ckpt_interval=1", "eval_interval=1000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps = []
+    for delay in (0.0, 0.003, 0.02):  # after a checkpoint has begun to be written
+        resume = ["init_from=resume"] if steps else []
+        run = subprocess.Popen(args + resume, cwd=HERE, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        deadline, target = time.monotonic() + 120, (steps[-1] if steps else 0) + 2
+        while not _scale_logged(out, target):  # a few steps on from the last round
+            assert run.poll() is None and time.monotonic() < deadline, "training ended before it was killed"
+            time.sleep(0.01)
+        while not (out / "ckpt.pt.tmp").exists():  # the checkpoint of that step begins to be written
+            assert run.poll() is None and time.monotonic() < deadline, "training ended before it was killed"
+            time.sleep(0.0005)
+        time.sleep(delay)
+        run.kill()
+        run.wait()
+        (out / "ckpt.pt.tmp").unlink(missing_ok=True)  # so that the next round sees its own write begin
+        model, ckpt = sample.load_model(str(out), "cpu")
+        steps.append(ckpt["step"])
+    assert steps == sorted(steps) and steps[-1] > steps[0]  # each round carried on from the last
+    finish = subprocess.run(args + ["init_from=resume"], cwd=HERE, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert finish.returncode == 0, finish.stderr
+    ckpt = _read_ckpt(out)
+    assert ckpt["step"] == 30 and len(ckpt["history"]["step_loss"]) == 30
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [line["step"] for line in log if "loss" in line] == list(range(1, 31))
+
+
+# ---- bad input (the table's columns: see bad_input_table at the top)
+
+def _on_story(tmp, *extra, data=None):
+    """The tiny preset on the story (or on data), on the CPU."""
+    return ["config=tiny", f"data={data or write_story(tmp)}", f"out_dir={tmp / 'out'}", "device=cpu", *extra]
+
+
+def _on_corpus(tmp, *extra):
+    """One step of _TINY_RUN on _corpus_file."""
+    return [*_TINY_RUN, f"data={_corpus_file(tmp)}", f"out_dir={tmp / 'out'}", "max_iters=1", *extra]
+
+
+def _resume_another_model(tmp):
+    """A 1-layer run in out_dir, then a command that resumes it as the tiny preset's 2 layers."""
+    train.main(_on_corpus(tmp, "n_layers=1"))
+    train.main(_on_corpus(tmp, "init_from=resume"))
+
+
+_TRAIN_BAD_INPUT = [
+    # the command line (parsing itself: the table of section 2)
+    ("run-unknown-model", "run", lambda tmp: ["--model", "no_such_model"], "unknown model"),
+    ("run-unknown-key", "run", lambda tmp: ["no_such_key=1"], "unknown key"),
+    ("run-not-a-whole-number", "run", lambda tmp: ["epochs=abc"], "expected a whole number"),
+    ("unknown-config", "call", lambda tmp: train.main(_on_story(tmp, "config=huge")), "unknown config 'huge'"),
+    ("device-tpu", "call", lambda tmp: train.main(_on_story(tmp, "device=tpu")), "device=tpu"),
+    # the data
+    ("data-missing", "call", lambda tmp: train.main(_on_story(tmp, data=tmp / "missing.txt")), "not found"),
+    ("data-empty", "call", lambda tmp: train.main(_on_story(tmp, data=write(tmp / "empty.txt", "  \n"))),
+     "is empty"),
+    ("data-latin1", "call", lambda tmp: train.main(_on_story(tmp, data=write(
+        tmp / "latin1.txt", "caf\xe9 cr\xe8me ".encode("latin-1") * 50))), "not UTF-8"),
+    ("data-short", "call", lambda tmp: train.main(_on_story(tmp, data=write(
+        tmp / "short.txt", "Too short to make a window of 64 tokens. " * 3))), "fewer than one window"),
+    ("data-short-random-windows", "call", lambda tmp: train.main(_on_corpus(
+        tmp, f"data={write(tmp / 'short.txt', 'Far too short for a window. ' * 5)}")), "fewer than one window"),
+    ("data-folder-without-txt", "call",
+     lambda tmp: train.main(_on_corpus(tmp, f"data={write(tmp / 'no-text')}")), "holds no .txt files"),
+    ("batch-larger-than-data", "call", lambda tmp: train.main(_on_story(tmp, "batch_size=64")),
+     "fewer than batch_size"),
+    # pretrained weights bring their architecture
+    ("pretrained-n_layers", "call", lambda tmp: train.main(_on_pretrained(tmp, "n_layers=4")),
+     "n_layers=4 would change the architecture"),
+    ("pretrained-context_length", "call", lambda tmp: train.main(_on_pretrained(tmp, "context_length=64")),
+     "context_length=64 would change"),
+    ("pretrained-config", "call", lambda tmp: train.main(_on_pretrained(tmp, "config=tiny")),
+     "config=tiny picks a model to train from scratch"),
+    ("pretrained-seq_len", "call", lambda tmp: train.main(_on_pretrained(tmp, "seq_len=256")),
+     "seq_len=256 is longer than the model's context_length=128"),
+    ("pretrained-typo", "call", lambda tmp: train.main(_on_pretrained(tmp, "--model", "gpt2", "lrr=1")),
+     "did you mean 'lr'"),
+    ("run-offline-hub", "run", lambda tmp: ["init_from=gpt2"], _OFFLINE_GPT2),
+    # resuming, or starting from a checkpoint
+    ("resume-nothing", "call", lambda tmp: train.main(_on_corpus(tmp, "init_from=resume")),
+     "init_from=resume found no checkpoint"),
+    ("run-resume-nothing", "run", lambda tmp: _on_corpus(tmp, "init_from=resume"),
+     "init_from=resume found no checkpoint"),
+    ("init_from-nowhere", "call", lambda tmp: train.main(_on_corpus(tmp, "init_from=/no/such/run")),
+     "no checkpoint at /no/such/run"),
+    ("resume-another-model", "call", _resume_another_model,
+     "holds a gpt2 model with n_layers=1, not the gpt2 model this command"),
+    # processes, and where the run is written
+    ("fsdp-without-torchrun", "call", lambda tmp: train.main(_on_corpus(tmp, "fsdp=true")),
+     "launch with torchrun --nproc_per_node=N"),
+    ("run-fsdp-without-torchrun", "run", lambda tmp: _on_corpus(tmp, "fsdp=true"),
+     "launch with torchrun --nproc_per_node=N"),
+    ("grad_accum-uneven", "call", lambda tmp: train.main(_on_corpus(tmp, "batch_size=4", "grad_accum=3")),
+     "batch_size=4 does not split evenly .* grad_accum=3"),
+    ("out_dir-under-a-file", "call", lambda tmp: train.main(
+        ["config=tiny", f"data={write_story(tmp)}", f"out_dir={write(tmp / 'file', '')}/out"]),
+     "cannot write to out_dir"),
+    ("out_dir-under-a-file-random-windows", "call",
+     lambda tmp: train.main(_on_corpus(tmp, f"out_dir={write(tmp / 'a-file', '')}/out")),
+     "cannot write to out_dir"),
+]
+
+
+@bad_input_table(_TRAIN_BAD_INPUT)
+@pytest.mark.usefixtures("one_thread")
+def test_train_bad_input_says_what_to_do(tmp_path, how, given, message):
+    says_what_to_do("train.py", how, given, message, tmp_path)
+
+
+def test_train_under_torchrun_says_bad_input_once(tmp_path):
+    """Not a row of the table: torchrun reports the failed processes its own way, in several lines and
+    with its own exit status, after process 0 has said why, once."""
+    result = _scale_torchrun(*_on_corpus(tmp_path, "batch_size=3"))
+    assert result.returncode != 0
+    assert result.stderr.count("train.py: batch_size=3 does not split evenly into 2 process(es)") == 1
+
+
+# ===== 7. End to end: the scripts in subprocesses, as a user runs them =================================
+# train.py then sample.py; load_hf.py then sample.py; a Llama folder with its own tokenizer.
+
+def test_train_then_sample_end_to_end(tmp_path, story):
+    out = tmp_path / "out"
+    result = run_script("train.py", "--model", "gpt2", "config=tiny", "epochs=1", f"data={story}",
+                        f"out_dir={out}", "device=cpu")
+    assert result.returncode == 0, result.stderr
+    assert "train loss" in result.stdout and "val loss" in result.stdout
+    assert (out / "ckpt.pt").exists() and (out / "loss.png").exists()
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["model_name"] == "gpt2" and ckpt["tokenizer"] == "gpt2"
+    assert ckpt["model_config"]["n_layers"] == 2 and ckpt["train_config"]["epochs"] == 1
+
+    result = run_script("sample.py", f"init_from={out}", "prompt=The painter", "max_new_tokens=12",
+                        "seed=7")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The painter") and "tokens/s" in result.stderr
+    again = run_script("sample.py", f"init_from={out}", "prompt=The painter", "max_new_tokens=12",
+                       "seed=7")
+    assert again.stdout == result.stdout  # same seed, same text
+
+    batch = run_script("sample.py", f"init_from={out}", "num_samples=3", "max_new_tokens=5",
+                       "temperature=0", f"prompt={'word ' * 100}")
+    assert batch.returncode == 0, batch.stderr
+    assert batch.stdout.count("--- sample") == 3
+    assert "only its last 64 tokens are used" in batch.stderr  # a long prompt is cropped, with a note
+
+
+def test_hf_convert_then_sample_in_subprocesses(tmp_path, capsys):
+    _, folder = _hf_save(tmp_path / "hf", **_HF_SMALL)
+    env, out = offline_env(tmp_path), tmp_path / "converted"
+    convert = subprocess.run([sys.executable, "load_hf.py", folder, f"out_dir={out}"], cwd=HERE, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert convert.returncode == 0, convert.stderr
+    assert "3,324,736 parameters (gpt2, float32)" in convert.stdout and f"init_from={out}" in convert.stdout
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["model_name"] == "gpt2" and ckpt["model_config"]["n_layers"] == 2
+    args = ["prompt=The painter", "temperature=0", "max_new_tokens=8"]
+    converted = subprocess.run([sys.executable, "sample.py", f"init_from={out}", *args], cwd=HERE, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert converted.returncode == 0, converted.stderr
+    sample.main([f"init_from={folder}", *args])  # the Hugging Face folder directly: the same text
+    assert capsys.readouterr().out == converted.stdout and converted.stdout.startswith("The painter")
+    # and with a hub id, offline: the rows run-offline-hub of sample.py's and train.py's bad-input tables
+
+
+def _llama_tokenizer(folder, text):
+    """A small BPE trained on text with the tokenizers library, SentencePiece-style as Llama 2's ('▁'
+    marks a space; <s> starts each text, </s> ends it), saved into folder as transformers saves one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator([text], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    hf.save_pretrained(folder)
+    return hf
+
+
+def test_llama_folder_with_tokenizer_end_to_end(tmp_path, story):
+    """sample.py on a Llama folder with its own tokenizer; load_hf.py then sample.py on the checkpoint;
+    train.py continuing it; all give HF's greedy text."""
+    folder = tmp_path / "hf-llama"
+    tokenizer = _llama_tokenizer(folder, open(story).read())
+    config = LlamaConfig(**{**_LLAMA_SMALL, "vocab_size": len(tokenizer)}, bos_token_id=1, eos_token_id=2,
+                         **_LLAMA_HF_CONFIGS["llama2-gqa"][2])
+    theirs = _llama_randomize(LlamaForCausalLM(config), seed=6).eval()  # continues with a new word, whose
+    theirs.save_pretrained(folder)  # space a SentencePiece tokenizer drops when decoding it alone
+    prompt_ids = tokenizer("The painter looked at")["input_ids"]
+    assert prompt_ids[0] == 1  # <s>
+    new = theirs.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=12)[0, len(prompt_ids):]
+    expected = tokenizer.decode(prompt_ids + new.tolist(), skip_special_tokens=True) + "\n"
+    assert expected.startswith("The painter looked at ")
+
+    env, out = offline_env(tmp_path), tmp_path / "out-llama"
+    # top_k=None: the default 200 is more than this tokenizer's 120 tokens
+    args = ["prompt=The painter looked at", "temperature=0", "max_new_tokens=12", "top_k=None"]
+    direct = subprocess.run([sys.executable, "sample.py", f"init_from={folder}", *args], cwd=HERE, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert direct.returncode == 0, direct.stderr
+    assert direct.stdout == expected  # streamed, with the spaces SentencePiece puts before words
+    convert = subprocess.run([sys.executable, "load_hf.py", str(folder), f"out_dir={out}"], cwd=HERE, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert convert.returncode == 0, convert.stderr
+    assert f"parameters (llama2, float32), saved as {out / 'ckpt.pt'}" in convert.stdout
+    assert torch.load(out / "ckpt.pt", weights_only=True)["tokenizer"] == "tokenizer"
+    assert os.path.isfile(out / "tokenizer" / "tokenizer.json")  # a copy: out-llama stands alone
+    os.rename(folder, tmp_path / "moved")
+    converted = subprocess.run([sys.executable, "sample.py", f"init_from={out}", *args], cwd=HERE, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert converted.returncode == 0, converted.stderr
+    assert converted.stdout == expected
+
+    trained = tmp_path / "trained"  # lr=0: the weights stay, the tokenizer goes along
+    train.main([f"init_from={out}", f"data={story}", f"out_dir={trained}", "device=cpu", "dtype=float32",
+                "epochs=1", "seq_len=32", "lr=0", "min_lr=0", "eval_iters=1", "prompt=The painter"])
+    assert os.path.isfile(trained / "tokenizer" / "tokenizer.json")
+    model, ckpt = sample.load_model(str(trained), "cpu")
+    assert ckpt["tokenizer"] == str(trained / "tokenizer")
+    tokenizer = common.load_tokenizer(ckpt["tokenizer"])
+    assert sample.complete(model.eval(), tokenizer, "The painter looked at", 12) + "\n" == expected
+
+    # and resumed: the model and the tokenizer come from the run's own checkpoint and folder
+    train.main(["init_from=resume", f"data={story}", f"out_dir={trained}", "device=cpu", "dtype=float32",
+                "epochs=2", "seq_len=32", "lr=0", "min_lr=0", "eval_iters=1", "prompt=The painter"])
+    resumed = torch.load(trained / "ckpt.pt", weights_only=True)
+    assert resumed["model_name"] == "llama2" and resumed["step"] == 2 * ckpt["step"] > 0
+    assert resumed["tokenizer"] == "tokenizer" and os.path.isfile(trained / "tokenizer" / "tokenizer.json")
