@@ -172,8 +172,8 @@ def build_ours(model_name):
     cfg = model_config(arch, SETTINGS.config or ("gpt2" if model_name == "gpt2" else MODELS[model_name]))
     if hasattr(cfg, "dropout"):
         cfg.dropout = 0.0  # as in transformers' eval and our train comparison: no dropout anywhere
-    if hasattr(cfg, "dtype"):
-        cfg.dtype = "float32"
+    if hasattr(cfg, "weight_dtype"):
+        cfg.weight_dtype = "float32"
     torch.manual_seed(0)
     return arch.Transformer(cfg)
 

@@ -260,6 +260,8 @@ def read_checkpoint(path):
     except Exception as e:  # truncated file, or not a checkpoint
         raise UserError(f"{path} is not a checkpoint this project can load ({type(e).__name__}): "
                         f"retrain it with python train.py or pass another init_from=") from None
+    if "dtype" in ckpt["model_config"]:  # a Llama's weight_dtype, written as dtype by earlier versions
+        ckpt["model_config"]["weight_dtype"] = ckpt["model_config"].pop("dtype")
     if ckpt["tokenizer"] != "gpt2":  # a tokenizer folder beside ckpt.pt (HFTokenizer.save)
         ckpt["tokenizer"] = os.path.join(os.path.dirname(path), ckpt["tokenizer"])
     return ckpt

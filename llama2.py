@@ -31,7 +31,7 @@ class Config:
     tie_weights: bool = False    # output head shares the token embedding's weight
     embedding_std: float = 0.02  # init std of the token embedding
     flash: bool = False          # F.scaled_dot_product_attention instead of the einsum reference
-    dtype: str = "bfloat16"      # dtype the weights are created in: float32 or bfloat16
+    weight_dtype: str = "bfloat16"  # dtype the weights are created in: float32 or bfloat16
 
 
 PRESETS = {
@@ -40,7 +40,7 @@ PRESETS = {
     "llama2-70b": dict(d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28672),   # 69B, GQA
     # small enough to train on The Verdict with GPT-2's tokenizer (train.py)
     "toy":        dict(vocab_size=50257, context_length=256, d_model=384, n_layers=6,
-                       n_heads=6, n_kv_heads=6, d_ff=1024, dtype="float32"),  # 49M
+                       n_heads=6, n_kv_heads=6, d_ff=1024, weight_dtype="float32"),  # 49M
 }
 
 
@@ -176,7 +176,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(w, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
         if cfg.tie_weights:
             self.lm_head.weight = self.token_embedding.weight
-        self.to(getattr(torch, cfg.dtype))
+        self.to(getattr(torch, cfg.weight_dtype))
         # No buffers: forward computes the RoPE angles it needs, so a meta-device model is complete once loaded.
 
     def _init_weights(self, module):

@@ -34,7 +34,7 @@ class Config:
     tie_weights: bool = False    # output head shares the token embedding's weight
     embedding_std: float = 0.02  # init std of the token embedding
     flash: bool = False          # F.scaled_dot_product_attention instead of the einsum reference
-    dtype: str = "bfloat16"      # dtype the weights are created in: float32 or bfloat16
+    weight_dtype: str = "bfloat16"  # dtype the weights are created in: float32 or bfloat16
 
 
 PRESETS = {
@@ -46,7 +46,7 @@ PRESETS = {
                         n_heads=24, d_ff=8192, tie_weights=True),              # 3.2B
     # small enough to train on The Verdict with GPT-2's tokenizer (train.py)
     "toy":         dict(vocab_size=50257, context_length=256, d_model=384, n_layers=6,
-                        n_heads=6, n_kv_heads=2, d_ff=1024, dtype="float32"),  # 48M
+                        n_heads=6, n_kv_heads=2, d_ff=1024, weight_dtype="float32"),  # 48M
 }
 
 
@@ -193,7 +193,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(w, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
         if cfg.tie_weights:
             self.lm_head.weight = self.token_embedding.weight
-        self.to(getattr(torch, cfg.dtype))
+        self.to(getattr(torch, cfg.weight_dtype))
         # No buffers: forward computes the RoPE angles it needs, so a meta-device model is complete once loaded.
 
     def _init_weights(self, module):

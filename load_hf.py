@@ -174,7 +174,7 @@ def llama_config(hf, folder):
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=rope["rope_theta"],
         tie_weights=hf.get("tie_word_embeddings", False),
-        dtype=hf.get("dtype") or hf.get("torch_dtype") or "float32",  # load() records the weights' own
+        weight_dtype=hf.get("dtype") or hf.get("torch_dtype") or "float32",  # load() records the weights' own
     )
     if rope_type == "llama3":
         missing = [key for key in LLAMA3_ROPE if key not in rope]
@@ -378,8 +378,8 @@ def load(source, device="cpu", dtype=torch.float32):
     if cfg.tie_weights:  # one Parameter under both names: assign=True then keeps the head tied
         state["lm_head.weight"] = state["token_embedding.weight"] = nn.Parameter(state["token_embedding.weight"])
     model.load_state_dict(state, assign=True)
-    if hasattr(cfg, "dtype"):  # llama2.py's and llama3.py's Config say which dtype the weights are in
-        cfg.dtype = str(state["token_embedding.weight"].dtype).removeprefix("torch.")
+    if hasattr(cfg, "weight_dtype"):  # llama2.py's and llama3.py's Config say which dtype the weights are in
+        cfg.weight_dtype = str(state["token_embedding.weight"].dtype).removeprefix("torch.")
     return model, {"model_name": model_name, "model_config": dataclasses.asdict(cfg), "tokenizer": tokenizer,
                    "source": source}
 

@@ -296,7 +296,7 @@ _LLAMA_TEST = dict(vocab_size=128, context_length=256, d_model=64, n_layers=2, n
 @pytest.mark.parametrize("module", [llama2, llama3])
 def test_llama_toy_preset(module):
     cfg = module.Config(**module.PRESETS["toy"])
-    assert cfg.vocab_size == 50257 and cfg.dtype == "float32" and cfg.context_length == 256
+    assert cfg.vocab_size == 50257 and cfg.weight_dtype == "float32" and cfg.context_length == 256
     model = module.Transformer(cfg)
     assert model.lm_head.weight.dtype == torch.float32
     assert model(torch.zeros(1, 3, dtype=torch.long)).shape == (1, 3, 50257)
@@ -825,8 +825,8 @@ def test_llama_bfloat16_close_to_transformers(name, tmp_path):
         hf_model.save_pretrained(tmp_path)
         model, ckpt = load_hf.load(str(tmp_path), dtype=None)
         assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-        assert ckpt["model_config"]["dtype"] == "bfloat16"  # so that a converted checkpoint rebuilds it so
-        assert load_hf.load(str(tmp_path))[1]["model_config"]["dtype"] == "float32"  # load's default
+        assert ckpt["model_config"]["weight_dtype"] == "bfloat16"  # so that a converted checkpoint rebuilds it so
+        assert load_hf.load(str(tmp_path))[1]["model_config"]["weight_dtype"] == "float32"  # load's default
         got, expected = model.eval()(idx), hf_model(idx).logits
     diff = _llama_max_diff(got, expected)
     print(f"{name}: bfloat16 max |logit difference| vs transformers in bfloat16 {diff:.2e}; "
@@ -870,7 +870,7 @@ def test_llama_real_configs_give_our_presets(preset):
     and rope_scaling beside each other, torch_dtype); in transformers 5's layout too."""
     hf = dict(_LLAMA_REAL_CONFIGS[preset], model_type="llama", hidden_act="silu", attention_bias=False)
     module = llama2 if preset.startswith("llama2") else llama3
-    expected = module.Config(**{**module.PRESETS[preset], "dtype": hf["torch_dtype"]})
+    expected = module.Config(**{**module.PRESETS[preset], "weight_dtype": hf["torch_dtype"]})
     assert load_hf.llama_config(hf, preset) == (module.__name__, preset, expected)
     new_layout = LlamaConfig(**{k: v for k, v in hf.items() if k != "torch_dtype"}, dtype=hf["torch_dtype"])
     assert load_hf.llama_config(new_layout.to_dict(), preset) == (module.__name__, preset, expected)
@@ -1173,6 +1173,26 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
         train.main([*_TINY_RUN, f"data={_corpus_file(tmp_path)}", "max_iters=10", "ckpt_interval=2",
                     "eval_interval=100", f"out_dir={out}"])
     assert _read_ckpt(out)["step"] == 4
+
+
+
+def test_dtype_is_autocast_and_weight_dtype_the_llama_weights(tmp_path, one_thread):
+    """Two keys, two meanings: train.py's dtype= is the autocast dtype, a Llama's weight_dtype= the dtype
+    its weights are created and kept in; a checkpoint that stored the latter as dtype still loads."""
+    llama = ["--model", "llama2", "config=toy", "d_model=32", "n_layers=1", "n_heads=2", "n_kv_heads=2",
+             "d_ff=64", "context_length=32", "device=cpu", "eval_iters=1", "max_iters=2",
+             f"data={_corpus_file(tmp_path)}"]
+    for weight_dtype, dtype in (("bfloat16", "float32"), ("float32", "bfloat16")):
+        out = tmp_path / f"{weight_dtype}-{dtype}"
+        train.main([*llama, f"weight_dtype={weight_dtype}", f"dtype={dtype}", f"out_dir={out}"])
+        ckpt = _read_ckpt(out)
+        assert ckpt["model_config"]["weight_dtype"] == weight_dtype
+        assert {t.dtype for t in ckpt["model"].values()} == {getattr(torch, weight_dtype)}
+        assert ckpt["train_config"]["dtype"] == dtype
+    old = dict(ckpt, model_config={("dtype" if k == "weight_dtype" else k): v for k, v in ckpt["model_config"].items()})
+    common.save_checkpoint(old, str(tmp_path / "old.pt"))
+    model, loaded = sample.load_model(str(tmp_path / "old.pt"), "cpu")
+    assert loaded["model_config"]["weight_dtype"] == "float32" and model.cfg.weight_dtype == "float32"
 
 
 # ---- scale: DDP, FSDP, resume
