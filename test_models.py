@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -1346,6 +1347,41 @@ def _scale_logged(out_dir, step):
         return any(f'"step": {s},' in open(os.path.join(out_dir, "log.jsonl")).read() for s in (step, step + 1))
     except OSError:
         return False
+
+
+def test_ctrl_c_after_the_first_epoch_resumes_from_its_checkpoint(tmp_path, story, capsys):
+    """By default a run checkpoints at every evaluation (each epoch): Ctrl-C after the first epoch
+    loses nothing. An earlier run's log.jsonl stays until the new run's first checkpoint."""
+    out = tmp_path / "out"
+    out.mkdir()
+    old_log = '{"step": 1, "tokens": 2, "loss": 9.0}\n'
+    (out / "log.jsonl").write_text(old_log)
+    args = ["config=tiny", f"data={story}", f"out_dir={out}", "device=cpu", "dtype=float32", "eval_iters=1"]
+    run = subprocess.Popen([sys.executable, "train.py", *args, "epochs=100"], cwd=HERE, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while True:  # the log is read before ckpt.pt is looked for: the log is replaced after ckpt.pt is written
+        log = (out / "log.jsonl").read_text()
+        if (out / "ckpt.pt").exists():
+            break
+        assert log == old_log and run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    run.send_signal(signal.SIGINT)
+    stdout, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130 and "Traceback" not in stderr
+    assert "interrupted; init_from=resume continues from the last checkpoint" in stderr
+    saved = _read_ckpt(out)
+    per_epoch = int(re.search(r"epoch  1  step +(\d+)", stdout).group(1))
+    assert saved["step"] % per_epoch == 0 and saved["step"] >= per_epoch
+    epochs = saved["step"] // per_epoch + 1
+    train.main([*args, "init_from=resume", f"epochs={epochs}"])
+    assert f"from step {saved['step']}" in capsys.readouterr().out
+    resumed = _read_ckpt(out)
+    assert resumed["step"] == epochs * per_epoch and len(resumed["history"]["step_loss"]) == resumed["step"]
+    logged = [json.loads(line)["step"] for line in open(out / "log.jsonl") if '"loss"' in line]
+    assert logged == list(range(1, resumed["step"] + 1))  # the old run's line is gone, none is missing
+    train.main([*args, "max_iters=1"])  # a new run in the same out_dir: says it replaces the checkpoint
+    assert "holds another run's ckpt.pt, which this run replaces" in capsys.readouterr().err
 
 
 def test_scale_sigkill_while_checkpointing_leaves_a_resumable_checkpoint(tmp_path):

@@ -19,6 +19,8 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -58,14 +60,15 @@ class TrainConfig:
     grad_accum: int = 1          # micro-batches per process and step, gradients summed: less memory, same step
     seq_len: int | None = None   # tokens per training window; None = context_length
     stride: int | None = None    # step between training windows; None = seq_len (no overlap)
-    lr: float = 5e-4             # peak learning rate, reached after warmup_steps
-    min_lr: float = 1e-5         # cosine decay ends here
+    lr: float = 5e-4             # learning rate (the peak, with warmup_steps or decay_lr)
+    decay_lr: bool = True        # cosine decay from lr to min_lr after the warmup; false = a constant lr
+    min_lr: float = 1e-5         # where decay_lr's cosine ends
     warmup_steps: int = 10       # linear warmup from 0
     weight_decay: float = 0.1    # AdamW, on weight matrices and embeddings only
     grad_clip: float = 1.0       # max gradient norm; 0 = off
     eval_interval: int = 0       # steps between evaluations; 0 = after every epoch, or 10 per max_iters run
     eval_iters: int = 5          # batches used to estimate train and validation loss at each evaluation
-    ckpt_interval: int = 1000    # steps between checkpoints, besides the one at the end; 0 = only at the end
+    ckpt_interval: int | None = None  # steps between checkpoints; None = at every evaluation; 0 = at the end only
     prompt: str = "Every effort moves you"  # continued greedily at each evaluation
     seed: int = 123
     device: str = "auto"         # auto = cuda, then mps, then cpu; under torchrun each process takes its own GPU
@@ -156,7 +159,7 @@ def check(cfg, model_name, model_cfg, built, init, ckpt_path, procs):
                             f"shorter training windows)")
     if min(cfg.epochs, cfg.batch_size, cfg.eval_iters, cfg.stride or 1, cfg.seq_len or 1, cfg.grad_accum) < 1:
         raise UserError("epochs, batch_size, eval_iters, stride, seq_len and grad_accum must be at least 1")
-    if min(cfg.max_iters, cfg.eval_interval, cfg.ckpt_interval, cfg.seed) < 0:
+    if min(cfg.max_iters, cfg.eval_interval, cfg.ckpt_interval or 0, cfg.seed) < 0:
         raise UserError("max_iters, eval_interval, ckpt_interval and seed must not be negative")
     if (cfg.seq_len or 0) > model_cfg.context_length:
         raise UserError(f"seq_len={cfg.seq_len} is longer than the model's context_length="
@@ -185,6 +188,9 @@ def pick_place(cfg, procs):
     elif procs.distributed and device.type != "cpu":
         raise UserError(f"torchrun runs on CUDA GPUs or on the CPU, not {device.type}: pass device=cpu")
     dtype = pick_dtype(cfg.dtype, device)
+    if procs.master and cfg.init_from != "resume" and os.path.isfile(os.path.join(cfg.out_dir, "ckpt.pt")):
+        print(f"train.py: note: {cfg.out_dir} holds another run's ckpt.pt, which this run replaces at its first "
+              f"checkpoint (init_from=resume would continue it instead)", file=sys.stderr)
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=cfg.out_dir).close()
@@ -320,9 +326,11 @@ def optimizer_step(model, optimizer, scaler, tokens, starts, ctx, cfg, autocast,
 
 
 def lr_at(step, total_steps, cfg):
-    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr at the last step."""
+    """Linear warmup to cfg.lr, then cfg.lr, or with decay_lr a cosine decay to cfg.min_lr at the last step."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if not cfg.decay_lr:
+        return cfg.lr
     progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -344,19 +352,18 @@ def plot_losses(history, path):
     plt.close(fig)
 
 
-def open_log(path, step):
-    """The metrics log, opened for appending, keeping only the lines of steps up to a resumed step."""
-    kept = []
-    if step > 0 and os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    if json.loads(line)["step"] <= step:
-                        kept.append(line)
-                except (ValueError, KeyError):
-                    pass  # a line cut short by a crash
+def open_log(path, step, ckpt_path):
+    """The metrics log, opened for appending. A new run writes path.new, which replaces path at the run's
+    first checkpoint, so that an earlier run's log lives on until then. Resuming keeps the lines of the
+    steps up to step, from path.new if the run stopped between its first checkpoint and that."""
+    if step == 0:
+        return open(path + ".new", "w", buffering=1)
+    new = os.path.exists(path + ".new") and os.path.getmtime(path + ".new") <= os.path.getmtime(ckpt_path)
+    with open(path + ".new" if new else path if os.path.exists(path) else os.devnull) as f:
+        kept = [line for line in f if line.endswith("}\n") and json.loads(line)["step"] <= step]  # whole lines
     with open(path, "w") as f:
         f.writelines(kept)
+    pathlib.Path(path + ".new").unlink(missing_ok=True)  # used, or left by a run that stopped before its checkpoint
     return open(path, "a", buffering=1)  # line-buffered: each line reaches the file as it is written
 
 
@@ -425,12 +432,16 @@ def main(argv):
               f"parameters, {what}, {total_steps} steps of {cfg.batch_size} windows, {device} "
               f"{str(dtype).removeprefix('torch.')}" + (f", {procs.world_size} processes" if procs.distributed
                                                         else "") + (f", from step {step}" if step else ""))
-        log = open_log(os.path.join(cfg.out_dir, "log.jsonl"), step)
+        log = open_log(os.path.join(cfg.out_dir, "log.jsonl"), step, ckpt_path)
         if step >= total_steps:
             print(f"{ckpt_path} is already at step {step} of {total_steps}: raise max_iters= or epochs= to train on")
+        if cfg.warmup_steps > total_steps:
+            print(f"train.py: note: warmup_steps={cfg.warmup_steps} is longer than the run ({total_steps} steps): "
+                  f"the learning rate never reaches lr={cfg.lr}", file=sys.stderr)
 
     # the loop: one optimizer step per batch, an evaluation every eval_interval steps
     trained = step < total_steps
+    ckpt_interval = eval_interval if cfg.ckpt_interval is None else cfg.ckpt_interval
     tokens_seen = history["step_tokens"][-1] if history["step_tokens"] else 0
     saved_step, bar, t_start = (step if cfg.init_from == "resume" else None), None, time.perf_counter()
     while step < total_steps:
@@ -474,11 +485,13 @@ def main(argv):
             raw_model.train()
             if procs.master:
                 report(step, steps_per_epoch, losses, tokens_per_s, sample, log, history, cfg.out_dir)
-        if (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or step == total_steps:
+        if (ckpt_interval and step % ckpt_interval == 0) or step == total_steps:
             save_training(ckpt_path, raw_model, optimizer, scaler,
                           {"model_name": model_name, "model_config": dataclasses.asdict(model_cfg),
                            "train_config": dataclasses.asdict(cfg), "tokenizer": saved_tokenizer,
                            "history": history, "step": step}, procs.world_size)
+            if procs.master and saved_step is None and log.name.endswith(".new"):
+                os.replace(log.name, log.name.removesuffix(".new"))  # the new run's log takes over
             saved_step = step
 
     if procs.master:
