@@ -498,9 +498,18 @@ def test_bad_overrides_name_the_problem(argv, message):
 def test_help_lists_every_key_with_type_and_default(capsys):
     train.main(["--help"])
     out = capsys.readouterr().out
-    for line in ("lr               float        0.0005", "n_layers         int          12",
-                 "stride           int | None   None", "config           str          ''"):
+    for line in ("lr               float        0.0005        peak learning rate, reached after warmup_steps",
+                 "n_layers         int          12            transformer blocks",
+                 "stride           int | None   None          step between training windows; None = seq_len",
+                 "config           str          'verdict'     model preset",  # the default preset by name
+                 "  --model gpt2 (default): presets verdict (default), gpt2, gpt2-medium, gpt2-large, gpt2-xl,",
+                 "  --model llama3: presets toy (default), llama3-8b,"):
         assert line in out
+    # a continuation comment under a field is part of its meaning; no line is wider than 118 columns
+    assert "or pretrained\n" + " " * 46 + "weights: gpt2 ... gpt2-xl, a Hugging Face folder" in out
+    assert max(len(line) for line in out.splitlines()) <= 118
+    sample.main(["--help"])  # sample.py's keys get their meanings the same way
+    assert "temperature      float        0.8           0 = greedy" in capsys.readouterr().out
 
 
 # ---- tokenizer
