@@ -11,9 +11,13 @@ import dataclasses
 import difflib
 import hashlib
 import importlib
+import inspect
+import io
 import os
 import sys
+import textwrap
 import time
+import tokenize
 import types
 
 import numpy as np
@@ -23,7 +27,8 @@ from tiktoken.load import load_tiktoken_bpe
 from tiktoken_ext.openai_public import r50k_pat_str
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MODELS = {"gpt2": "verdict", "llama2": "toy", "llama3": "toy"}  # architecture file -> default preset
+# architecture file -> its default preset; the first is the default of --model
+MODELS = {"gpt2": "verdict", "llama2": "toy", "llama3": "toy"}
 
 
 class UserError(Exception):
@@ -111,13 +116,66 @@ def apply_overrides(pairs, targets, usage):
         setattr(target, key, parse_value(key, text, field.type))
 
 
-def print_help(doc, sections):
+def field_comments(cls):
+    """{field: its meaning}: the comment beside each field in cls's source, and the comment lines just
+    under it (a continuation), so that --help says what the dataclass already says."""
+    fields, meanings, current, row, column = {f.name for f in dataclasses.fields(cls)}, {}, None, 0, 0
+    tokens = list(tokenize.generate_tokens(io.StringIO(textwrap.dedent(inspect.getsource(cls))).readline))
+    for before, tok, after in zip(tokens, tokens[1:], tokens[2:]):
+        if tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            text_column = tok.start[1] + len(tok.string) - len(tok.string.lstrip("#").lstrip())
+            beside = tok.start[0] == row and current not in meanings
+            under = (tok.start[0] == row + 1 and current in meanings and tok.line.lstrip().startswith("#")
+                     and text_column >= column)  # indented under the comment beside: its next line
+            if current and (beside or under):
+                meanings[current] = f"{meanings[current]} {text}" if under else text
+                row, column = tok.start[0], tok.start[1] if beside else column
+            else:
+                current = None  # a comment of its own, above a field or between them
+        elif tok.type == tokenize.NAME and before.type in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT,
+                                                            tokenize.DEDENT):  # a statement starts
+            current, row = (tok.string if tok.string in fields and after.string == ":" else None), tok.end[0]
+        elif current and tok.type not in (tokenize.NEWLINE, tokenize.NL):
+            row = tok.end[0]  # the field's statement may take several lines
+    return meanings
+
+
+def help_line(name, typ, default, meaning, widths):
+    """One key of --help: name, type and default in columns, the meaning beside them (wrapped under
+    itself), or on the next line when the default is too long to leave it room."""
+    head = f"  {name:{widths[0]}s} {typ:{widths[1]}s} {default}"
+    indent = " " * (2 + widths[0] + 1 + widths[1] + 1 + 14)
+    if not meaning:
+        return head
+    if len(head) >= len(indent):
+        return head + "\n" + textwrap.fill(meaning, 118, initial_indent=indent, subsequent_indent=indent)
+    return textwrap.fill(meaning, 118, initial_indent=f"{head:{len(indent)}s}", subsequent_indent=indent)
+
+
+def models_help():
+    """The --model choices and each one's presets, the defaults first."""
+    lines = []
+    for i, (name, default) in enumerate(MODELS.items()):
+        presets = [default + " (default)"] + [p for p in import_model(name).PRESETS if p != default]
+        head = f"  --model {name}{' (default)' if i == 0 else ''}: presets "
+        lines.append(textwrap.fill(", ".join(presets), 118, initial_indent=head, subsequent_indent=" " * 6))
+    return "\n".join(lines)
+
+
+def print_help(doc, sections, models=False):
+    """The doc's second paragraph, then each (title, dataclass instance) section's keys: name, type,
+    default and meaning; with models=True first the --model choices and their presets (config=)."""
     print(doc.strip().split("\n\n")[1] if "\n\n" in doc else doc)
+    if models:
+        print(f"\nmodels (--model NAME; config=PRESET picks its size):\n{models_help()}")
     for title, obj in sections:
         print(f"\n{title}:")
-        for f in dataclasses.fields(obj):
-            typ = str(f.type).replace("<class '", "").replace("'>", "")
-            print(f"  {f.name:16s} {typ:12s} {getattr(obj, f.name)!r}")
+        meanings = field_comments(type(obj))
+        types = {f.name: str(f.type).replace("<class '", "").replace("'>", "") for f in dataclasses.fields(obj)}
+        widths = max(16, *(len(name) + 1 for name in types)), max(12, *(len(typ) + 1 for typ in types.values()))
+        for name, typ in types.items():
+            print(help_line(name, typ, repr(getattr(obj, name)), meanings.get(name, ""), widths))
 
 
 def import_model(name):

@@ -39,6 +39,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -226,35 +227,56 @@ def is_hub_id(source):
     return source in GPT2_SIZES or re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None
 
 
-def download(repo_id):
+def hub_answers(repo_id):
+    """Whether the hub answers one request for repo_id's config.json, made once, with a short timeout.
+    Unanswered, huggingface_hub retries each file for 25 s before it gives up (and then uses the cache)."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json"), timeout=5)
+    except HfHubHTTPError:  # it answered, with an error that download then reports
+        return True
+    except Exception:  # no connection (the network's error, a timeout), or HF_HUB_OFFLINE=1
+        return False
+    return True
+
+
+def download(repo_id, pass_folder="init_from=path/to/folder"):
     """The HF cache's folder for a hub model, after fetching config.json, the weights and (but for GPT-2,
-    whose tokenizer is data/gpt2.tiktoken) the tokenizer into it."""
+    whose tokenizer is data/gpt2.tiktoken) the tokenizer into it. pass_folder: how the script that was
+    run takes a folder instead, for the message when the hub is out of reach."""
     from huggingface_hub import hf_hub_download  # here: only a download needs it, and it is slow to import
     from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RemoteEntryNotFoundError,
                                         RepositoryNotFoundError)
     from huggingface_hub.utils import logging
     logging.set_verbosity_error()  # its warnings of failed requests would come before our one line
+    print(f"fetching {repo_id} from the Hugging Face hub ...", file=sys.stderr, flush=True)
+    cache_only = not hub_answers(repo_id)  # then the files come from the cache, or fail at once
+
+    def fetch(name):
+        return hf_hub_download(repo_id, name, local_files_only=cache_only)
+
     try:
-        config = hf_hub_download(repo_id, "config.json")
+        config = fetch("config.json")
         folder = os.path.dirname(config)
         if read_json(config).get("model_type") != "gpt2":
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 try:
-                    hf_hub_download(repo_id, name)
+                    fetch(name)
                 except RemoteEntryNotFoundError:  # sample.py will say what is missing
                     pass
         for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
             try:
-                path = hf_hub_download(repo_id, name)
+                path = fetch(name)
             except RemoteEntryNotFoundError:  # the repository has no such file: try the next kind
                 continue
             if name.endswith(".index.json"):  # sharded: fetch every shard
                 for shard in sorted(set(read_json(path)["weight_map"].values())):
-                    hf_hub_download(repo_id, shard)
+                    fetch(shard)
             return folder
     except LocalEntryNotFoundError:  # no connection (or HF_HUB_OFFLINE=1), and not in the cache
         raise UserError(f"cannot reach the Hugging Face hub for '{repo_id}' (offline?): download it "
-                        f"elsewhere and pass the folder, init_from=path/to/folder") from None
+                        f"elsewhere and pass the folder, {pass_folder}") from None
     except RepositoryNotFoundError:
         raise UserError(f"'{repo_id}' is neither a folder here nor a model on the Hugging Face hub (or it "
                         f"is gated: log in with hf auth login): check the name") from None
@@ -264,7 +286,7 @@ def download(repo_id):
     raise UserError(f"the hub model '{repo_id}' has no model.safetensors or pytorch_model.bin to load")
 
 
-def find_folder(source):
+def find_folder(source, pass_folder="init_from=path/to/folder"):
     """The local folder holding source's config.json and weights: source itself, or the HF cache's copy."""
     if os.path.isdir(source):
         if not os.path.isfile(os.path.join(source, "config.json")):
@@ -274,7 +296,7 @@ def find_folder(source):
     if os.path.isfile(source):
         raise UserError(f"{source} is a file: pass the folder that holds it and config.json")
     if is_hub_id(source):
-        return download(source)
+        return download(source, pass_folder)
     raise UserError(f"no checkpoint at {source}: train one with python train.py, or pass a folder written "
                     f"by save_pretrained or a hub id ({', '.join(GPT2_SIZES)})")
 
@@ -349,10 +371,11 @@ def skeleton(arch, cfg):
         nn.init.normal_ = normal_
 
 
-def load(source, device="cpu", dtype=torch.float32):
+def load(source, device="cpu", dtype=torch.float32, pass_folder="init_from=path/to/folder"):
     """The model in a Hugging Face folder or hub id, on device, and its description as train.py's
-    checkpoints hold it (model_name, model_config, tokenizer). dtype=None keeps the stored dtype."""
-    folder = find_folder(source)
+    checkpoints hold it (model_name, model_config, tokenizer). dtype=None keeps the stored dtype;
+    pass_folder says, when the hub is out of reach, how to pass a folder instead."""
+    folder = find_folder(source, pass_folder)
     hf = read_json(os.path.join(folder, "config.json"))
     if hf.get("model_type") not in FAMILIES:
         raise UserError(f"{folder} holds a '{hf.get('model_type')}' model (config.json's model_type): "
@@ -410,7 +433,7 @@ def main(argv):
     if cfg.dtype not in dtypes:
         raise UserError(f"dtype={cfg.dtype} is not supported: use {', '.join(dtypes)}")
     source = sources[0]
-    model, ckpt = load(source, "cpu", dtypes[cfg.dtype])
+    model, ckpt = load(source, "cpu", dtypes[cfg.dtype], pass_folder="python load_hf.py path/to/folder")
     tokenizer = load_tokenizer(ckpt["tokenizer"])  # a Llama's own must be there: sample.py will need it
     out_dir = cfg.out_dir or "out-" + os.path.basename(os.path.normpath(source))
     path = os.path.join(out_dir, "ckpt.pt")

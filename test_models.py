@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,7 +108,8 @@ def write(path, content=None):
 #   how "call": given(tmp_path) calls the script's code in this process, which must raise a UserError
 #     whose message is one line and matches the regex message;
 #   how "run": given(tmp_path) is a command line: python script with it must exit with status 2 and
-#     print one line on stderr, "script: " and a message that matches, and no traceback.
+#     print one line on stderr, "script: " and a message that matches, and no traceback;
+#   how "run-hub": the same for a hub id, after the one line "fetching ... from the Hugging Face hub ...".
 # given may first write files into the test's tmp_path; {tmp} in message stands for tmp_path.
 
 def bad_input_table(rows):
@@ -127,6 +129,8 @@ def says_what_to_do(script, how, given, message, tmp_path):
         result = run_script(script, *given(tmp_path), env=offline_env(tmp_path))
         assert result.returncode == 2 and "Traceback" not in result.stderr
         lines = result.stderr.strip().splitlines()
+        if how == "run-hub":  # first it says what it is doing
+            assert re.fullmatch(r"fetching \S+ from the Hugging Face hub \.\.\.", lines.pop(0)), result.stderr
         assert len(lines) == 1 and lines[0].startswith(f"{script}: "), result.stderr
         assert re.search(message, lines[0].removeprefix(f"{script}: ")), lines[0]
 
@@ -499,9 +503,18 @@ def test_bad_overrides_name_the_problem(argv, message):
 def test_help_lists_every_key_with_type_and_default(capsys):
     train.main(["--help"])
     out = capsys.readouterr().out
-    for line in ("lr               float        0.0005", "n_layers         int          12",
-                 "stride           int | None   None", "config           str          ''"):
+    for line in ("lr               float        0.0005        peak learning rate, reached after warmup_steps",
+                 "n_layers         int          12            transformer blocks",
+                 "stride           int | None   None          step between training windows; None = seq_len",
+                 "config           str          'verdict'     model preset",  # the default preset by name
+                 "  --model gpt2 (default): presets verdict (default), gpt2, gpt2-medium, gpt2-large, gpt2-xl,",
+                 "  --model llama3: presets toy (default), llama3-8b,"):
         assert line in out
+    # a continuation comment under a field is part of its meaning; no line is wider than 118 columns
+    assert "or pretrained\n" + " " * 46 + "weights: gpt2 ... gpt2-xl, a Hugging Face folder" in out
+    assert max(len(line) for line in out.splitlines()) <= 118
+    sample.main(["--help"])  # sample.py's keys get their meanings the same way
+    assert "temperature      float        0.8           0 = greedy" in capsys.readouterr().out
 
 
 # ---- tokenizer
@@ -635,9 +648,11 @@ def _corrupt_checkpoint(tmp):
     return str(tmp)
 
 
-# what sample.py and train.py say for a hub id while offline, with nothing in the cache
+# what sample.py and train.py say for a hub id while offline, with nothing in the cache: a folder is
+# passed to them as init_from=, to load_hf.py as its source
 _OFFLINE_GPT2 = "^" + re.escape("cannot reach the Hugging Face hub for 'gpt2' (offline?): download it "
                                 "elsewhere and pass the folder, init_from=path/to/folder") + "$"
+_OFFLINE_GPT2_LOAD_HF = _OFFLINE_GPT2.replace("init_from=path/to/folder", "python load_hf.py path/to/folder")
 
 # the Hugging Face folders come from the helpers of section 4
 _SAMPLE_BAD_INPUT = [
@@ -654,7 +669,7 @@ _SAMPLE_BAD_INPUT = [
     ("run-temperature", "run", lambda tmp: ["temperature=-1", f"init_from={_one_layer_checkpoint(tmp)}"],
      "negative"),
     ("run-top_p", "run", lambda tmp: ["top_p=1.5", f"init_from={_one_layer_checkpoint(tmp)}"], r"top_p=1\.5"),
-    ("run-offline-hub", "run", lambda tmp: ["init_from=gpt2"], _OFFLINE_GPT2),
+    ("run-offline-hub", "run-hub", lambda tmp: ["init_from=gpt2"], _OFFLINE_GPT2),
 ]
 
 
@@ -1029,12 +1044,34 @@ _LOAD_HF_BAD_INPUT = [
      "has no tensor lm_head.weight"),
     ("llama-convert-without-tokenizer", "call", _convert_without_tokenizer,
      "{tmp}/tied has no tokenizer.json: copy the model's tokenizer files"),
+    ("run-offline-hub", "run-hub", lambda tmp: ["gpt2"], _OFFLINE_GPT2_LOAD_HF),
 ]
 
 
 @bad_input_table(_LOAD_HF_BAD_INPUT)
 def test_load_hf_bad_input_says_what_to_do(tmp_path, how, given, message):
     says_what_to_do("load_hf.py", how, given, message, tmp_path)
+
+
+def test_unreachable_hub_fails_fast_and_its_cache_still_loads(tmp_path):
+    """Without HF_HUB_OFFLINE, a hub that does not answer (nothing listens at HF_ENDPOINT) is reported
+    after one try, not after huggingface_hub's 25 s of retries; a model in the HF cache still loads."""
+    env = {**offline_env(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    del env["HF_HUB_OFFLINE"]
+    start = time.time()
+    result = run_script("load_hf.py", "llm-from-scratch-tests/no-such-gpt2", env=env)
+    assert time.time() - start < 15 and result.returncode == 2, result.stderr
+    assert result.stderr.startswith("fetching llm-from-scratch-tests/no-such-gpt2 from the Hugging Face hub ...\n")
+    assert re.search("cannot reach the Hugging Face hub .*python load_hf.py path/to/folder$", result.stderr.strip())
+    # the cache's layout: models--owner--name/refs/main names the snapshot that holds the files
+    _, folder = _hf_save(tmp_path / "hf", **_HF_SMALL)
+    cached = tmp_path / "hf-home" / "hub" / "models--llm-from-scratch-tests--cached-gpt2"
+    shutil.copytree(folder, cached / "snapshots" / ("0" * 40))
+    (cached / "refs").mkdir()
+    write(cached / "refs" / "main", "0" * 40)
+    result = run_script("load_hf.py", "llm-from-scratch-tests/cached-gpt2", f"out_dir={tmp_path / 'out'}", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "3,324,736 parameters (gpt2, float32)" in result.stdout
 
 
 # ===== 5. data/prepare.py: the token cache and the training windows ====================================
@@ -1467,7 +1504,7 @@ _TRAIN_BAD_INPUT = [
      "seq_len=256 is longer than the model's context_length=128"),
     ("pretrained-typo", "call", lambda tmp: train.main(_on_pretrained(tmp, "--model", "gpt2", "lrr=1")),
      "did you mean 'lr'"),
-    ("run-offline-hub", "run", lambda tmp: ["init_from=gpt2"], _OFFLINE_GPT2),
+    ("run-offline-hub", "run-hub", lambda tmp: ["init_from=gpt2"], _OFFLINE_GPT2),
     # resuming, or starting from a checkpoint
     ("resume-nothing", "call", lambda tmp: train.main(_on_corpus(tmp, "init_from=resume")),
      "init_from=resume found no checkpoint"),

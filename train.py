@@ -142,7 +142,8 @@ def configure(argv):
     built = dataclasses.replace(model_cfg)
     apply_overrides({k: v for k, v in pairs.items() if k not in train_keys}, [cfg, model_cfg], usage)
     if want_help:
-        print_help(__doc__, [("training keys", cfg), (f"model keys ({model_name}, {source})", model_cfg)])
+        shown = dataclasses.replace(cfg, config=cfg.config or ("" if init else MODELS[model_name]))  # by name
+        print_help(__doc__, [("training keys", shown), (f"model keys ({model_name}, {source})", model_cfg)], True)
         return None
     check(cfg, model_name, model_cfg, built, init, ckpt_path, processes())
     return cfg, model_name, model_cfg, source, init
