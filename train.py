@@ -203,10 +203,9 @@ def pick_place(cfg, procs):
 # ----------------------------------------------------------------------------- data
 
 def load_data(cfg, model_cfg, init, ctx, procs, device):
-    """The tokenizer (pretrained weights keep theirs) and the corpus's tokens, the first 90% to train
-    and the last 10% to validate, cached beside it (data/prepare.py). One process on each machine
-    tokenizes, if the cache is out of date, before the process group starts: the others wait for it
-    in the barrier."""
+    """The tokenizer (pretrained weights keep theirs) and the corpus's tokens, 90% to train, 10% to
+    validate, cached beside it (data/prepare.py). One process on each machine tokenizes, if the cache
+    is out of date, before the process group starts: the others wait for it in the barrier."""
     tokenizer = load_tokenizer(init["tokenizer"] if init else "gpt2")
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise UserError(f"vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
@@ -369,11 +368,9 @@ def open_log(path, step, ckpt_path):
 
 
 def save_training(path, raw_model, optimizer, scaler, checkpoint, world_size):
-    """Checkpoint the run: everything init_from=resume needs to carry on exactly.
-
-    Every process takes part: under FSDP the full model and optimizer state are gathered from the
-    shards (onto the CPU of process 0, which alone writes), and each process's random state is kept.
-    """
+    """Checkpoint the run: everything init_from=resume needs to carry on exactly. Every process takes
+    part: under FSDP the full model and optimizer state are gathered from the shards (onto the CPU of
+    process 0, which alone writes), and each process's random state is kept."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     checkpoint["model"] = get_model_state_dict(raw_model, options=options)
     checkpoint["optimizer"] = get_optimizer_state_dict(raw_model, optimizer, options=options)
@@ -387,18 +384,6 @@ def save_training(path, raw_model, optimizer, scaler, checkpoint, world_size):
         dist.all_gather_object(checkpoint["rng"], rng)
     if not dist.is_initialized() or dist.get_rank() == 0:
         save_checkpoint(checkpoint, path)
-
-
-def report(step, steps_per_epoch, losses, tokens_per_s, sample, log, history, out_dir):
-    """Print an evaluation, log it and redraw loss.png (process 0 alone)."""
-    train_loss, val_loss = losses
-    where = (f"epoch {step // steps_per_epoch:2d}  step {step:4d}"
-             if steps_per_epoch and step % steps_per_epoch == 0 else f"step {step:5d}")
-    print(f"{where}  train loss {train_loss:.3f}  val loss {val_loss:.3f}  {tokens_per_s:.0f} tokens/s")
-    print("  " + sample.replace("\n", " "))
-    log.write(json.dumps({"step": step, "tokens": history["tokens"][-1], "train_loss": train_loss,
-                          "val_loss": val_loss}) + "\n")
-    plot_losses(history, os.path.join(out_dir, "loss.png"))
 
 
 def main(argv):
@@ -427,18 +412,17 @@ def main(argv):
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     saved_tokenizer = tokenizer.save(cfg.out_dir) if procs.master else tokenizer.name  # a Llama's: copied
     if procs.master:
-        what = (f"{len(train_tokens):,} training tokens in {n_windows} windows" if not cfg.max_iters else
-                f"{len(train_tokens):,} training tokens, random windows")
-        print(f"{model_name} ({source}): {arch.count_parameters(raw_model):,} "
-              f"parameters, {what}, {total_steps} steps of {cfg.batch_size} windows, {device} "
-              f"{str(dtype).removeprefix('torch.')}" + (f", {procs.world_size} processes" if procs.distributed
-                                                        else "") + (f", from step {step}" if step else ""))
+        windows = ", random windows" if cfg.max_iters else f" in {n_windows} windows"
+        print(f"{model_name} ({source}): {arch.count_parameters(raw_model):,} parameters, {len(train_tokens):,} "
+              f"training tokens{windows}, {total_steps} steps of {cfg.batch_size} windows, {device} "
+              f"{str(dtype).removeprefix('torch.')}{f', {procs.world_size} processes' * procs.distributed}"
+              + (f", from step {step}" if step else ""))
         log = open_log(os.path.join(cfg.out_dir, "log.jsonl"), step, ckpt_path)
         if step >= total_steps:
             print(f"{ckpt_path} is already at step {step} of {total_steps}: raise max_iters= or epochs= to train on")
         if cfg.warmup_steps > total_steps:
-            print(f"train.py: note: warmup_steps={cfg.warmup_steps} is longer than the run ({total_steps} steps): "
-                  f"the learning rate never reaches lr={cfg.lr}", file=sys.stderr)
+            print(f"train.py: note: warmup_steps={cfg.warmup_steps} is longer than the run ({total_steps} steps):"
+                  f" the learning rate never reaches lr={cfg.lr}", file=sys.stderr)
 
     # the loop: one optimizer step per batch, an evaluation every eval_interval steps
     trained = step < total_steps
@@ -485,7 +469,13 @@ def main(argv):
                 sample = complete(raw_model, tokenizer, cfg.prompt, 50)
             raw_model.train()
             if procs.master:
-                report(step, steps_per_epoch, losses, tokens_per_s, sample, log, history, cfg.out_dir)
+                where = (f"epoch {step // steps_per_epoch:2d}  step {step:4d}"
+                         if steps_per_epoch and step % steps_per_epoch == 0 else f"step {step:5d}")
+                print(f"{where}  train loss {losses[0]:.3f}  val loss {losses[1]:.3f}  {tokens_per_s:.0f} tokens/s")
+                print("  " + sample.replace("\n", " "))
+                log.write(json.dumps({"step": step, "tokens": tokens_seen, "train_loss": losses[0],
+                                      "val_loss": losses[1]}) + "\n")
+                plot_losses(history, os.path.join(cfg.out_dir, "loss.png"))
         if (ckpt_interval and step % ckpt_interval == 0) or step == total_steps:
             save_training(ckpt_path, raw_model, optimizer, scaler,
                           {"model_name": model_name, "model_config": dataclasses.asdict(model_cfg),
