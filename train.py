@@ -37,11 +37,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import load_hf
-from common import (MODELS, UserError, apply_overrides, import_model, is_checkpoint, load_tokenizer,
-                    model_config, parse_args, pick_device, pick_dtype, print_help, read_checkpoint, run,
-                    save_checkpoint)
-from data.prepare import (VERDICT, batch_starts, eval_starts, get_batch, read_splits, tokenize_corpus,
-                          window_starts)
+from common import (MODELS, UserError, apply_overrides, check_model_config, check_settings, import_model,
+                    is_checkpoint, load_tokenizer, model_config, parse_args, pick_device, pick_dtype, print_help,
+                    read_checkpoint, run, save_checkpoint)
+from data.prepare import VERDICT, batch_starts, eval_starts, get_batch, read_splits, tokenize_corpus, window_starts
 from sample import complete
 
 
@@ -126,6 +125,7 @@ def configure(argv):
     cfg = TrainConfig()
     train_keys = {f.name for f in dataclasses.fields(cfg)}
     apply_overrides({k: v for k, v in pairs.items() if k in train_keys}, [cfg], usage)
+    check_values(cfg, processes())
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     init = None if want_help and cfg.init_from == "resume" else starting_point(cfg, model_name, ckpt_path)
     if init is not None and (cfg.init_from != "resume" or (model_name is None and not cfg.config)):
@@ -141,11 +141,27 @@ def configure(argv):
     if want_help:
         print_help(__doc__, [("training keys", cfg), (f"model keys ({model_name}, {source})", model_cfg)])
         return None
-    check(cfg, model_name, model_cfg, built, init, ckpt_path, processes())
+    check(cfg, model_name, model_cfg, built, init, ckpt_path)
     return cfg, model_name, model_cfg, source, init
 
 
-def check(cfg, model_name, model_cfg, built, init, ckpt_path, procs):
+def check_values(cfg, procs):
+    """Refuse, in one line, a training value that cannot work, before anything is loaded."""
+    check_settings(cfg, [
+        ("epochs batch_size eval_iters grad_accum", lambda v: v >= 1, "must be 1 or more"),
+        ("seq_len stride", lambda v: v is None or v >= 1, "must be 1 or more, or None"),
+        ("max_iters eval_interval ckpt_interval seed warmup_steps", lambda v: v >= 0, "must be 0 or more"),
+        ("lr", lambda v: 0 < v < math.inf, "must be a number above 0, e.g. lr=5e-4"),
+        ("min_lr", lambda v: 0 <= v <= cfg.lr, f"must be a number from 0 up to lr={cfg.lr}"),
+        ("weight_decay", lambda v: 0 <= v < math.inf, "must be 0 (none) or more, e.g. weight_decay=0.1"),
+        ("grad_clip", lambda v: v >= 0, "must be 0 (off) or more, e.g. grad_clip=1.0"),
+        ("fsdp", lambda v: not v or procs.distributed, "shards the model: launch with torchrun --nproc_per_node=N"),
+        ("batch_size", lambda v: v % (procs.world_size * cfg.grad_accum) == 0,
+         f"does not split evenly into {procs.world_size} process(es) x grad_accum={cfg.grad_accum} micro-batches: "
+         f"make batch_size a multiple of {procs.world_size * cfg.grad_accum}")])
+
+
+def check(cfg, model_name, model_cfg, built, init, ckpt_path):
     """Refuse, in one line each, settings that cannot work, before anything is built or loaded."""
     if cfg.init_from not in ("scratch", "resume"):
         changed = [f"{f.name}={getattr(model_cfg, f.name)}" for f in dataclasses.fields(model_cfg)
@@ -154,20 +170,9 @@ def check(cfg, model_name, model_cfg, built, init, ckpt_path, procs):
             raise UserError(f"{' '.join(changed)} would change the architecture of init_from={cfg.init_from}: "
                             f"leave it out (only {' and '.join(KEEPS_WEIGHTS)} may change; seq_len= sets "
                             f"shorter training windows)")
-    if min(cfg.epochs, cfg.batch_size, cfg.eval_iters, cfg.stride or 1, cfg.seq_len or 1, cfg.grad_accum) < 1:
-        raise UserError("epochs, batch_size, eval_iters, stride, seq_len and grad_accum must be at least 1")
-    if min(cfg.max_iters, cfg.eval_interval, cfg.ckpt_interval, cfg.seed) < 0:
-        raise UserError("max_iters, eval_interval, ckpt_interval and seed must not be negative")
-    if (cfg.seq_len or 0) > model_cfg.context_length:
-        raise UserError(f"seq_len={cfg.seq_len} is longer than the model's context_length="
-                        f"{model_cfg.context_length}: use at most {model_cfg.context_length}")
-    if cfg.fsdp and not procs.distributed:
-        raise UserError("fsdp=true shards the model over several processes: launch with "
-                        "torchrun --nproc_per_node=N train.py ... fsdp=true")
-    if cfg.batch_size % (procs.world_size * cfg.grad_accum):
-        raise UserError(f"batch_size={cfg.batch_size} does not split evenly into {procs.world_size} process(es) x "
-                        f"grad_accum={cfg.grad_accum} micro-batches: make batch_size a multiple of "
-                        f"{procs.world_size * cfg.grad_accum}")
+    check_model_config(model_cfg)
+    check_settings(cfg, [("seq_len", lambda v: (v or 0) <= model_cfg.context_length, f"is longer than the model's "
+                          f"context_length={model_cfg.context_length}: use at most {model_cfg.context_length}")])
     if cfg.init_from == "resume" and (
             init["model_name"] != model_name or init["model_config"] != dataclasses.asdict(model_cfg)):
         differ = [f"{k}={v}" for k, v in init["model_config"].items() if getattr(model_cfg, k, None) != v]
