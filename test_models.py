@@ -1058,6 +1058,8 @@ _LOAD_HF_BAD_INPUT = [
      "has no tensor lm_head.weight"),
     ("llama-convert-without-tokenizer", "call", _convert_without_tokenizer,
      "{tmp}/tied has no tokenizer.json: copy the model's tokenizer files"),
+    ("gpt2-no-layers", "call", lambda tmp: _gpt2_load(tmp, config={"n_layer": 0}),
+     r"{tmp}/gpt2/config.json makes a model that cannot be built \(n_layers=0 must be a whole number of at least 1\)"),
 ]
 
 
