@@ -1186,7 +1186,7 @@ def test_init_from_a_checkpoint_starts_from_its_weights(tmp_path, one_thread):
     same = [arg for arg in _TINY_RUN if not arg.startswith("config=")]
     with pytest.raises(UserError, match="config=tiny picks a model to train from scratch"):
         train.main([*_TINY_RUN, f"data={data}", f"init_from={tmp_path / 'a'}", f"out_dir={tmp_path / 'b'}"])
-    train.main([*same, f"data={data}", "max_iters=1", "lr=0", f"init_from={tmp_path / 'a'}",
+    train.main([*same, f"data={data}", "max_iters=1", "lr=0", "min_lr=0", f"init_from={tmp_path / 'a'}",
                 f"out_dir={tmp_path / 'b'}"])
     a, b = _read_ckpt(tmp_path / "a"), _read_ckpt(tmp_path / "b")
     assert b["model_config"]["n_layers"] == 1 and b["step"] == 1  # a new run: fresh optimizer and schedule
@@ -1428,9 +1428,9 @@ _TRAIN_BAD_INPUT = [
      "n_kv_heads=4 does not divide n_heads=6"),
     ("llama-odd-head-width", "call", lambda tmp: train.main(["--model", "llama2", "d_model=390"]),
      "heads of 65, an odd width, and RoPE turns pairs"),
-    ("run-lr-negative", "run", lambda tmp: ["lr=-1"], r"^lr=-1\.0 must be a number above 0, e\.g\. lr=5e-4$"),
-    ("lr-nan", "call", lambda tmp: train.main(["lr=nan"]), "^lr=nan must be a number above 0"),
-    ("lr-inf", "call", lambda tmp: train.main(["lr=inf"]), "^lr=inf must be a number above 0"),
+    ("run-lr-negative", "run", lambda tmp: ["lr=-1"], r"^lr=-1\.0 must be 0 \(the weights stay\) or a number above it, e\.g\. lr=5e-4$"),
+    ("lr-nan", "call", lambda tmp: train.main(["lr=nan"]), "^lr=nan must be 0 .*or a number above it"),
+    ("lr-inf", "call", lambda tmp: train.main(["lr=inf"]), "^lr=inf must be 0 .*or a number above it"),
     ("run-dropout", "run", lambda tmp: ["dropout=1.5"], r"^dropout=1\.5 must be in \[0, 1\)"),
     ("dropout-negative", "call", lambda tmp: train.main(["--model", "gpt2", "dropout=-0.1"]), r"dropout=-0\.1 must be in"),
     ("run-context_length-0", "run", lambda tmp: ["context_length=0"], "^context_length=0 must be a whole number of at least 1"),

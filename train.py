@@ -151,7 +151,7 @@ def check_values(cfg, procs):
         ("epochs batch_size eval_iters grad_accum", lambda v: v >= 1, "must be 1 or more"),
         ("seq_len stride", lambda v: v is None or v >= 1, "must be 1 or more, or None"),
         ("max_iters eval_interval ckpt_interval seed warmup_steps", lambda v: v >= 0, "must be 0 or more"),
-        ("lr", lambda v: 0 < v < math.inf, "must be a number above 0, e.g. lr=5e-4"),
+        ("lr", lambda v: 0 <= v < math.inf, "must be 0 (the weights stay) or a number above it, e.g. lr=5e-4"),
         ("min_lr", lambda v: 0 <= v <= cfg.lr, f"must be a number from 0 up to lr={cfg.lr}"),
         ("weight_decay", lambda v: 0 <= v < math.inf, "must be 0 (none) or more, e.g. weight_decay=0.1"),
         ("grad_clip", lambda v: v >= 0, "must be 0 (off) or more, e.g. grad_clip=1.0"),
