@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import inspect
 import io
+import math
 import os
 import sys
 import textwrap
@@ -176,6 +177,53 @@ def print_help(doc, sections, models=False):
         widths = max(16, *(len(name) + 1 for name in types)), max(12, *(len(typ) + 1 for typ in types.values()))
         for name, typ in types.items():
             print(help_line(name, typ, repr(getattr(obj, name)), meanings.get(name, ""), widths))
+
+
+# ----------------------------------------------------------------------------- checking settings
+
+def check_settings(cfg, rules):
+    """Refuse the first value of cfg that breaks its rule, in one line. rules: (keys, works(value),
+    what is wrong and what works), keys separated by spaces; those cfg does not have are skipped, so that one table
+    serves the three model Configs."""
+    for keys, works, what in rules:
+        for key in keys.split():
+            if hasattr(cfg, key) and not works(getattr(cfg, key)):
+                raise UserError(f"{key}={getattr(cfg, key)} {what}")
+
+
+def nearest_divisors(n, near):
+    """The four divisors of n nearest to near, e.g. for n_heads= of d_model=768 near 5: 3, 4, 6, 8."""
+    return ", ".join(map(str, sorted(sorted((d for d in range(1, n + 1) if n % d == 0),
+                                            key=lambda d: abs(d - near))[:4])))
+
+
+def check_model_config(cfg):
+    """Refuse, in one line, a model Config (of gpt2.py, llama2.py or llama3.py: they share the names)
+    that cannot be built, before it is."""
+    sizes = "vocab_size context_length d_model n_layers n_heads n_kv_heads d_ff rope_original_context"
+    check_settings(cfg, [(sizes, lambda v: v >= 1, "must be a whole number of at least 1")])
+    if cfg.d_model % cfg.n_heads:
+        raise UserError(f"n_heads={cfg.n_heads} does not divide d_model={cfg.d_model} into equal heads: "
+                        f"use one that does, e.g. {nearest_divisors(cfg.d_model, cfg.n_heads)}")
+    if hasattr(cfg, "n_kv_heads") and cfg.n_heads % cfg.n_kv_heads:
+        raise UserError(f"n_kv_heads={cfg.n_kv_heads} does not divide n_heads={cfg.n_heads} into equal groups: "
+                        f"use one that does, e.g. {nearest_divisors(cfg.n_heads, cfg.n_kv_heads)}")
+    if hasattr(cfg, "rope_theta") and cfg.d_model // cfg.n_heads % 2:
+        raise UserError(f"d_model={cfg.d_model} / n_heads={cfg.n_heads} gives heads of {cfg.d_model // cfg.n_heads}, "
+                        f"an odd width, and RoPE turns pairs: choose an even head width")
+    positive = lambda v: 0 < v < math.inf  # noqa: E731  (and not nan)
+    check_settings(cfg, [
+        ("dropout", lambda v: 0 <= v < 1, "must be in [0, 1), e.g. dropout=0.1, or 0 for none"),
+        ("norm_eps", positive, "must be a small number above 0, e.g. norm_eps=1e-5"),
+        ("embedding_std", positive, "must be a number above 0, e.g. embedding_std=0.02"),
+        ("rope_theta", positive, "must be a number above 0, e.g. rope_theta=10000"),
+        ("rope_factor", lambda v: v is None or positive(v), "must be a number above 0, e.g. 8, or None for no scaling"),
+        ("rope_low_freq_factor", positive, "must be a number above 0, e.g. rope_low_freq_factor=1"),
+        ("rope_high_freq_factor", lambda v: cfg.rope_factor is None or cfg.rope_low_freq_factor < v < math.inf,
+         f"must be above rope_low_freq_factor={getattr(cfg, 'rope_low_freq_factor', '')}, e.g. 4"),
+        ("weight_dtype", lambda v: v in ("float32", "bfloat16", "float16"),
+         "is not a dtype for the weights: use float32, bfloat16 or float16"),
+    ])
 
 
 def import_model(name):

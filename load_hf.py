@@ -49,8 +49,8 @@ from safetensors import safe_open
 import gpt2
 import llama2
 import llama3
-from common import (UserError, apply_overrides, import_model, load_tokenizer, parse_args, print_help, run,
-                    save_checkpoint)
+from common import (UserError, apply_overrides, check_model_config, import_model, load_tokenizer, parse_args,
+                    print_help, run, save_checkpoint)
 
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # hub ids that have no owner/ part
 AS_IS, CONV1D = "as is", "Conv1D"  # how HF stores one of our tensors: unchanged, or transposed
@@ -382,6 +382,11 @@ def load(source, device="cpu", dtype=torch.float32, pass_folder="init_from=path/
                         f"load_hf.py reads {', '.join(FAMILIES)}")
     read_config, list_tensors, prefix = FAMILIES[hf["model_type"]]
     model_name, tokenizer, cfg = read_config(hf, folder)
+    try:
+        check_model_config(cfg)
+    except UserError as e:  # a value of ours, read from config.json's own names
+        raise UserError(f"{folder}/config.json makes a model that cannot be built ({e}): copy the model's "
+                        f"own config.json") from None
     model = skeleton(import_model(model_name), cfg)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
 

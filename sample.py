@@ -13,6 +13,7 @@ rebuilds a model from a checkpoint of train.py or, through load_hf.py, from Hugg
 imports common.py (command line, tokenizers, checkpoint files) and load_hf.py, and nothing of
 training: it starts without torch.distributed.
 """
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 import load_hf
-from common import (UserError, apply_overrides, import_model, is_checkpoint, load_tokenizer, parse_args,
-                    pick_device, print_help, read_checkpoint, run)
+from common import (UserError, apply_overrides, check_settings, import_model, is_checkpoint, load_tokenizer,
+                    parse_args, pick_device, print_help, read_checkpoint, run)
 
 
 @dataclass
@@ -91,11 +92,12 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0,
 def complete(model, tokenizer, prompt, max_new_tokens, **kwargs):
     """The prompt and its continuation as text (the first row only)."""
     device = next(model.parameters()).device
-    idx = torch.tensor([tokenizer.encode(prompt)], device=device)
-    new = [int(t) for t in generate(model, idx, max_new_tokens, eot_id=tokenizer.eot_id, **kwargs)]
+    ids = tokenizer.encode(prompt) or [tokenizer.eot_id]  # an empty prompt starts a new text
+    new = [int(t) for t in generate(model, torch.tensor([ids], device=device), max_new_tokens,
+                                    eot_id=tokenizer.eot_id, **kwargs)]
     if tokenizer.eot_id in new:
         new = new[:new.index(tokenizer.eot_id)]
-    return tokenizer.decode(idx[0].tolist() + new)
+    return tokenizer.decode((ids if prompt else []) + new)  # not the end token an empty prompt starts from
 
 
 def load_model(path, device, dtype=torch.float32):
@@ -115,16 +117,14 @@ def load_model(path, device, dtype=torch.float32):
     return model.to(device), ckpt
 
 
-def check(cfg, vocab_size):
-    if cfg.max_new_tokens < 1 or cfg.num_samples < 1:
-        raise UserError("max_new_tokens and num_samples must be at least 1")
-    if cfg.temperature < 0:
-        raise UserError(f"temperature={cfg.temperature} is negative: use 0 for greedy or a value > 0")
-    if cfg.top_k is not None and not 1 <= cfg.top_k <= vocab_size:
-        raise UserError(f"top_k={cfg.top_k} must be between 1 and the vocabulary size {vocab_size},"
-                        f" or None for no limit")
-    if not 0 < cfg.top_p <= 1:
-        raise UserError(f"top_p={cfg.top_p} must be in (0, 1]: 1.0 turns nucleus sampling off")
+def check(cfg):
+    """Refuse, in one line, a sampling value that cannot work, before the model is loaded; the weights'
+    dtype to sample in (None: as stored)."""
+    check_settings(cfg, [
+        ("max_new_tokens num_samples", lambda v: v >= 1, "must be at least 1"),
+        ("temperature", lambda v: 0 <= v < math.inf, "is negative or not a number: use 0 for greedy or a value > 0"),
+        ("top_k", lambda v: v is None or v >= 1, "must be at least 1, or None for no limit"),
+        ("top_p", lambda v: 0 < v <= 1, "must be in (0, 1]: 1.0 turns nucleus sampling off")])
     dtypes = {"checkpoint": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
               "float16": torch.float16}
     if cfg.dtype not in dtypes:
@@ -176,6 +176,7 @@ def main(argv):
     if want_help:
         print_help(__doc__, [("keys", cfg)])
         return
+    dtype = check(cfg)
     device = pick_device(cfg.device)
     model, ckpt = load_model(cfg.init_from, device, dtype=None)  # None: Hugging Face weights as stored
     if model_name is not None and model_name != ckpt["model_name"]:
@@ -185,7 +186,9 @@ def main(argv):
     if model.cfg.vocab_size < tokenizer.vocab_size:  # possible in a Hugging Face folder
         raise UserError(f"the model knows {model.cfg.vocab_size} tokens, fewer than the {ckpt['tokenizer']} "
                         f"tokenizer's {tokenizer.vocab_size}: it was trained with another tokenizer")
-    dtype = check(cfg, tokenizer.vocab_size)
+    if cfg.top_k is not None and cfg.top_k > tokenizer.vocab_size:
+        raise UserError(f"top_k={cfg.top_k} must be between 1 and the vocabulary size {tokenizer.vocab_size},"
+                        f" or None for no limit")
     if dtype is not None:
         model = model.to(dtype)
     model.eval()
@@ -196,6 +199,7 @@ def main(argv):
         print(f"sample.py: note: the prompt has {len(ids)} tokens, more than the context length {ctx};"
               f" only its last {ctx} tokens are used", file=sys.stderr)
         ids = ids[-ctx:]
+    shown = ids if cfg.prompt else []  # the prompt as printed: not the end token an empty one starts from
     idx = torch.tensor([ids] * cfg.num_samples, device=device)
     if cfg.compile:  # compile now, so that tokens/s below measures generating alone
         t0 = time.perf_counter()
@@ -209,7 +213,7 @@ def main(argv):
                      tokenizer.eot_id, cfg.use_cache)
     t0, n_tokens = time.perf_counter(), 0
     if cfg.num_samples == 1:  # stream the text as it comes
-        print(tokenizer.decode(ids), end="", flush=True)
+        print(tokenizer.decode(shown), end="", flush=True)
         printer = Printer(tokenizer, ids)
         for next_id in steps:
             n_tokens += 1
@@ -223,7 +227,7 @@ def main(argv):
         for i, row in enumerate(new):
             if tokenizer.eot_id in row:
                 row = row[:row.index(tokenizer.eot_id)]
-            print(f"--- sample {i + 1}\n{tokenizer.decode(ids + row)}")
+            print(f"--- sample {i + 1}\n{tokenizer.decode(shown + row)}")
     seconds = time.perf_counter() - t0
     print(f"({n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s)", file=sys.stderr)
 

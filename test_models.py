@@ -500,6 +500,13 @@ def test_bad_overrides_name_the_problem(argv, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("module", [gpt2, llama2, llama3])
+def test_every_preset_passes_the_model_checks(module):
+    """check_model_config refuses only what cannot be built: never a preset."""
+    for preset in module.PRESETS:
+        common.check_model_config(module.Config(**module.PRESETS[preset]))
+
+
 def test_help_lists_every_key_with_type_and_default(capsys):
     train.main(["--help"])
     out = capsys.readouterr().out
@@ -670,12 +677,35 @@ _SAMPLE_BAD_INPUT = [
      "negative"),
     ("run-top_p", "run", lambda tmp: ["top_p=1.5", f"init_from={_one_layer_checkpoint(tmp)}"], r"top_p=1\.5"),
     ("run-offline-hub", "run-hub", lambda tmp: ["init_from=gpt2"], _OFFLINE_GPT2),
+    # checked before the model is loaded: init_from names nothing, and that is not what is said
+    ("run-top_k-before-loading", "run", lambda tmp: ["top_k=0", "init_from=/no/such/dir"], "^top_k=0 must be at least 1"),
+    ("top_k-above-vocab", "call", lambda tmp: sample.main(["top_k=60000", f"init_from={_one_layer_checkpoint(tmp)}"]),
+     "top_k=60000 must be between 1 and the vocabulary size 50257"),
+    ("temperature-nan", "call", lambda tmp: sample.main(["temperature=nan", "init_from=/no/such/dir"]),
+     "^temperature=nan is negative or not a number"),
+    ("top_p-0", "call", lambda tmp: sample.main(["top_p=0", "init_from=/no/such/dir"]), r"^top_p=0\.0 must be in \(0, 1\]"),
+    ("max_new_tokens-0", "call", lambda tmp: sample.main(["max_new_tokens=0", "init_from=/no/such/dir"]),
+     "^max_new_tokens=0 must be at least 1"),
+    ("num_samples-0", "call", lambda tmp: sample.main(["num_samples=0", "init_from=/no/such/dir"]),
+     "^num_samples=0 must be at least 1"),
+    ("dtype-before-loading", "call", lambda tmp: sample.main(["dtype=float8", "init_from=/no/such/dir"]),
+     "^dtype=float8 is not supported"),
 ]
 
 
 @bad_input_table(_SAMPLE_BAD_INPUT)
 def test_sample_bad_input_says_what_to_do(tmp_path, how, given, message):
     says_what_to_do("sample.py", how, given, message, tmp_path)
+
+
+def test_an_empty_prompt_does_not_print_the_end_token(tmp_path, capsys):
+    """An empty prompt starts from <|endoftext|>, as a new text, which is not part of what is printed."""
+    for n in (1, 2):
+        sample.main(["prompt=", f"init_from={_one_layer_checkpoint(tmp_path)}", "max_new_tokens=5",
+                     f"num_samples={n}", "device=cpu"])
+        assert "<|endoftext|>" not in capsys.readouterr().out
+    text = sample.complete(tiny_gpt2(), common.load_tokenizer("gpt2"), "", 5)
+    assert "<|endoftext|>" not in text  # before: a crash, on a prompt of no tokens
 
 
 # ===== 4. load_hf.py: GPT-2 and Llama from Hugging Face ================================================
@@ -1045,6 +1075,8 @@ _LOAD_HF_BAD_INPUT = [
     ("llama-convert-without-tokenizer", "call", _convert_without_tokenizer,
      "{tmp}/tied has no tokenizer.json: copy the model's tokenizer files"),
     ("run-offline-hub", "run-hub", lambda tmp: ["gpt2"], _OFFLINE_GPT2_LOAD_HF),
+    ("gpt2-no-layers", "call", lambda tmp: _gpt2_load(tmp, config={"n_layer": 0}),
+     r"{tmp}/gpt2/config.json makes a model that cannot be built \(n_layers=0 must be a whole number of at least 1\)"),
 ]
 
 
@@ -1133,6 +1165,7 @@ def test_memmap_batches_equal_in_memory_batches(tmp_path, monkeypatch):
         return np.fromfile(prepare.token_cache(str(folder), tok)[0], dtype=np.uint16)
 
     assert np.array_equal(cached(), tok.encode("First book. " * 40 + "<|endoftext|>" + _corpus_text()[:2000]))
+    assert os.path.dirname(prepare.token_cache(str(folder), tok)[0]) == str(folder)  # inside, not beside it
     (folder / "a.txt").write_text("Second edition. " * 40, encoding="utf-8")
     assert np.array_equal(cached()[:5], tok.encode("Second edition. " * 40)[:5])
     monkeypatch.setattr(prepare, "encode_in_order", None)  # unchanged: read from the cache
@@ -1191,7 +1224,7 @@ def test_init_from_a_checkpoint_starts_from_its_weights(tmp_path, one_thread):
     same = [arg for arg in _TINY_RUN if not arg.startswith("config=")]
     with pytest.raises(UserError, match="config=tiny picks a model to train from scratch"):
         train.main([*_TINY_RUN, f"data={data}", f"init_from={tmp_path / 'a'}", f"out_dir={tmp_path / 'b'}"])
-    train.main([*same, f"data={data}", "max_iters=1", "lr=0", f"init_from={tmp_path / 'a'}",
+    train.main([*same, f"data={data}", "max_iters=1", "lr=0", "min_lr=0", f"init_from={tmp_path / 'a'}",
                 f"out_dir={tmp_path / 'b'}"])
     a, b = _read_ckpt(tmp_path / "a"), _read_ckpt(tmp_path / "b")
     assert b["model_config"]["n_layers"] == 1 and b["step"] == 1  # a new run: fresh optimizer and schedule
@@ -1479,12 +1512,56 @@ _TRAIN_BAD_INPUT = [
     ("run-not-a-whole-number", "run", lambda tmp: ["epochs=abc"], "expected a whole number"),
     ("unknown-config", "call", lambda tmp: train.main(_on_story(tmp, "config=huge")), "unknown config 'huge'"),
     ("device-tpu", "call", lambda tmp: train.main(_on_story(tmp, "device=tpu")), "device=tpu"),
+    # values that cannot work, refused before anything is loaded or built (nothing is written: no data=)
+    ("run-n_heads-not-dividing", "run", lambda tmp: ["n_heads=5"],
+     "^n_heads=5 does not divide d_model=768 into equal heads: use one that does, e.g. .*6"),
+    ("run-n_kv_heads-not-dividing", "run", lambda tmp: ["--model", "llama3", "n_kv_heads=4"],
+     "^n_kv_heads=4 does not divide n_heads=6 into equal groups: use one that does, e.g. .*3"),
+    ("llama2-n_kv_heads-not-dividing", "call", lambda tmp: train.main(["--model", "llama2", "n_kv_heads=4"]),
+     "n_kv_heads=4 does not divide n_heads=6"),
+    ("llama-odd-head-width", "call", lambda tmp: train.main(["--model", "llama2", "d_model=390"]),
+     "heads of 65, an odd width, and RoPE turns pairs"),
+    ("run-lr-negative", "run", lambda tmp: ["lr=-1"], r"^lr=-1\.0 must be 0 \(the weights stay\) or a number above it, e\.g\. lr=5e-4$"),
+    ("lr-nan", "call", lambda tmp: train.main(["lr=nan"]), "^lr=nan must be 0 .*or a number above it"),
+    ("lr-inf", "call", lambda tmp: train.main(["lr=inf"]), "^lr=inf must be 0 .*or a number above it"),
+    ("run-dropout", "run", lambda tmp: ["dropout=1.5"], r"^dropout=1\.5 must be in \[0, 1\)"),
+    ("dropout-negative", "call", lambda tmp: train.main(["--model", "gpt2", "dropout=-0.1"]), r"dropout=-0\.1 must be in"),
+    ("run-context_length-0", "run", lambda tmp: ["context_length=0"], "^context_length=0 must be a whole number of at least 1"),
+    ("d_model-0", "call", lambda tmp: train.main(["d_model=0"]), "^d_model=0 must be a whole number of at least 1"),
+    ("n_layers-0", "call", lambda tmp: train.main(["n_layers=0"]), "^n_layers=0 must be"),
+    ("vocab_size-0", "call", lambda tmp: train.main(["vocab_size=0"]), "^vocab_size=0 must be"),
+    ("d_ff-negative", "call", lambda tmp: train.main(["--model", "llama3", "d_ff=-1"]), "^d_ff=-1 must be"),
+    ("norm_eps-0", "call", lambda tmp: train.main(["--model", "llama2", "norm_eps=0"]), r"^norm_eps=0\.0 must be .* above 0"),
+    ("rope_theta-0", "call", lambda tmp: train.main(["--model", "llama3", "rope_theta=0"]), r"^rope_theta=0\.0 must be"),
+    ("rope_high_freq_factor", "call", lambda tmp: train.main(
+        ["--model", "llama3", "rope_factor=8", "rope_high_freq_factor=1"]), "above rope_low_freq_factor=1.0"),
+    ("llama-weight_dtype", "call", lambda tmp: train.main(["--model", "llama2", "weight_dtype=float8"]),
+     "^weight_dtype=float8 is not"),
+    ("dtype", "call", lambda tmp: train.main(["dtype=float8"]), "^dtype=float8 is not supported"),
+    ("run-stride-0", "run", lambda tmp: ["stride=0"], "^stride=0 must be 1 or more, or None$"),
+    ("seq_len-0", "call", lambda tmp: train.main(["seq_len=0"]), "^seq_len=0 must be 1 or more"),
+    ("epochs-0", "call", lambda tmp: train.main(["epochs=0"]), "^epochs=0 must be 1 or more"),
+    ("run-min_lr-above-lr", "run", lambda tmp: ["config=tiny", "min_lr=1"], r"^min_lr=1\.0 must be a number from 0 up to lr=0\.0005"),
+    ("run-warmup-negative", "run", lambda tmp: ["config=tiny", "warmup_steps=-5"], "^warmup_steps=-5 must be 0 or more"),
+    ("max_iters-negative", "call", lambda tmp: train.main(["max_iters=-1"]), "^max_iters=-1 must be 0 or more"),
+    ("weight_decay-negative", "call", lambda tmp: train.main(["weight_decay=-0.1"]), r"^weight_decay=-0\.1 must be 0"),
+    ("weight_decay-nan", "call", lambda tmp: train.main(["weight_decay=nan"]), "^weight_decay=nan must be 0"),
+    ("grad_clip-negative", "call", lambda tmp: train.main(["grad_clip=-1"]), r"^grad_clip=-1\.0 must be 0"),
+    ("before-loading-weights", "call", lambda tmp: train.main(["init_from=/no/such/run", "lr=-1"]), "^lr=-1.0 must be"),
     # the data
     ("data-missing", "call", lambda tmp: train.main(_on_story(tmp, data=tmp / "missing.txt")), "not found"),
     ("data-empty", "call", lambda tmp: train.main(_on_story(tmp, data=write(tmp / "empty.txt", "  \n"))),
      "is empty"),
     ("data-latin1", "call", lambda tmp: train.main(_on_story(tmp, data=write(
         tmp / "latin1.txt", "caf\xe9 cr\xe8me ".encode("latin-1") * 50))), "not UTF-8"),
+    ("data-windows-1252", "call", lambda tmp: train.main(_on_story(tmp, data=write(
+        tmp / "win.txt", "\u201cquoted\u201d caf\xe9 ".encode("cp1252") * 50))),
+     "not UTF-8 text \\(it seems to be cp1252\\): convert it, iconv -f cp1252 -t utf-8 {tmp}/win.txt > "),
+    ("data-0-bytes", "call", lambda tmp: train.main(_on_story(tmp, data=write(tmp / "empty.txt", b""))),
+     "empty.txt is empty"),
+    ("run-data-0-bytes", "run", lambda tmp: _on_story(tmp, data=write(tmp / "empty.txt", b"")), "empty.txt is empty"),
+    ("data-dev-null", "call", lambda tmp: train.main(_on_story(tmp, data="/dev/null")),
+     "^data=/dev/null is not a regular file"),
     ("data-short", "call", lambda tmp: train.main(_on_story(tmp, data=write(
         tmp / "short.txt", "Too short to make a window of 64 tokens. " * 3))), "fewer than one window"),
     ("data-short-random-windows", "call", lambda tmp: train.main(_on_corpus(

@@ -39,11 +39,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import load_hf
-from common import (MODELS, UserError, apply_overrides, import_model, is_checkpoint, load_tokenizer,
-                    model_config, parse_args, pick_device, pick_dtype, print_help, read_checkpoint, run,
-                    save_checkpoint)
-from data.prepare import (VERDICT, batch_starts, eval_starts, get_batch, read_splits, tokenize_corpus,
-                          window_starts)
+from common import (MODELS, UserError, apply_overrides, check_model_config, check_settings, import_model,
+                    is_checkpoint, load_tokenizer, model_config, parse_args, pick_device, pick_dtype, print_help,
+                    read_checkpoint, run, save_checkpoint)
+from data.prepare import VERDICT, batch_starts, eval_starts, get_batch, read_splits, tokenize_corpus, window_starts
 from sample import complete
 
 
@@ -85,17 +84,14 @@ KEEPS_WEIGHTS = ("dropout", "flash")  # the model keys that may change when trai
 def processes():
     """This process's place in the run: torchrun starts one process per GPU (or CPU share) and tells
     each its rank in the environment; a plain python train.py is process 0 of 1."""
-    env = os.environ
-    return SimpleNamespace(distributed="RANK" in env, rank=int(env.get("RANK", 0)),
-                           local_rank=int(env.get("LOCAL_RANK", 0)),  # on this machine
-                           world_size=int(env.get("WORLD_SIZE", 1)),
-                           master=int(env.get("RANK", 0)) == 0)  # the one process that prints, plots and writes
+    env, rank = os.environ, int(os.environ.get("RANK", 0))
+    return SimpleNamespace(distributed="RANK" in env, rank=rank, local_rank=int(env.get("LOCAL_RANK", 0)),
+                           world_size=int(env.get("WORLD_SIZE", 1)), master=rank == 0)  # master: prints, writes
 
 
 def starting_point(cfg, model_name, ckpt_path):
-    """The checkpoint dict the weights (and when resuming, the training state) come from; None for
-    a new model. Pretrained weights: a checkpoint of this project (a file, or the out_dir holding
-    ckpt.pt), or Hugging Face weights (gpt2 ... gpt2-xl, a hub id, a folder), in float32."""
+    """The checkpoint dict the weights (resuming: and the training state) come from, None for a new model:
+    a checkpoint of this project (its file or out_dir), or Hugging Face weights (a hub id, a folder)."""
     if cfg.init_from == "scratch":
         return None
     if cfg.init_from == "resume":
@@ -129,6 +125,7 @@ def configure(argv):
     cfg = TrainConfig()
     train_keys = {f.name for f in dataclasses.fields(cfg)}
     apply_overrides({k: v for k, v in pairs.items() if k in train_keys}, [cfg], usage)
+    check_values(cfg, processes())
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     init = None if want_help and cfg.init_from == "resume" else starting_point(cfg, model_name, ckpt_path)
     if init is not None and (cfg.init_from != "resume" or (model_name is None and not cfg.config)):
@@ -145,11 +142,28 @@ def configure(argv):
         shown = dataclasses.replace(cfg, config=cfg.config or ("" if init else MODELS[model_name]))  # by name
         print_help(__doc__, [("training keys", shown), (f"model keys ({model_name}, {source})", model_cfg)], True)
         return None
-    check(cfg, model_name, model_cfg, built, init, ckpt_path, processes())
+    check(cfg, model_name, model_cfg, built, init, ckpt_path)
     return cfg, model_name, model_cfg, source, init
 
 
-def check(cfg, model_name, model_cfg, built, init, ckpt_path, procs):
+def check_values(cfg, procs):
+    """Refuse, in one line, a training value that cannot work, before anything is loaded."""
+    check_settings(cfg, [
+        ("epochs batch_size eval_iters grad_accum", lambda v: v >= 1, "must be 1 or more"),
+        ("seq_len stride", lambda v: v is None or v >= 1, "must be 1 or more, or None"),
+        ("max_iters eval_interval seed warmup_steps", lambda v: v >= 0, "must be 0 or more"),
+        ("ckpt_interval", lambda v: v is None or v >= 0, "must be 0 or more, or None (at every evaluation)"),
+        ("lr", lambda v: 0 <= v < math.inf, "must be 0 (the weights stay) or a number above it, e.g. lr=5e-4"),
+        ("min_lr", lambda v: 0 <= v <= cfg.lr, f"must be a number from 0 up to lr={cfg.lr}"),
+        ("weight_decay", lambda v: 0 <= v < math.inf, "must be 0 (none) or more, e.g. weight_decay=0.1"),
+        ("grad_clip", lambda v: v >= 0, "must be 0 (off) or more, e.g. grad_clip=1.0"),
+        ("fsdp", lambda v: not v or procs.distributed, "shards the model: launch with torchrun --nproc_per_node=N"),
+        ("batch_size", lambda v: v % (procs.world_size * cfg.grad_accum) == 0,
+         f"does not split evenly into {procs.world_size} process(es) x grad_accum={cfg.grad_accum} micro-batches: "
+         f"make batch_size a multiple of {procs.world_size * cfg.grad_accum}")])
+
+
+def check(cfg, model_name, model_cfg, built, init, ckpt_path):
     """Refuse, in one line each, settings that cannot work, before anything is built or loaded."""
     if cfg.init_from not in ("scratch", "resume"):
         changed = [f"{f.name}={getattr(model_cfg, f.name)}" for f in dataclasses.fields(model_cfg)
@@ -158,20 +172,9 @@ def check(cfg, model_name, model_cfg, built, init, ckpt_path, procs):
             raise UserError(f"{' '.join(changed)} would change the architecture of init_from={cfg.init_from}: "
                             f"leave it out (only {' and '.join(KEEPS_WEIGHTS)} may change; seq_len= sets "
                             f"shorter training windows)")
-    if min(cfg.epochs, cfg.batch_size, cfg.eval_iters, cfg.stride or 1, cfg.seq_len or 1, cfg.grad_accum) < 1:
-        raise UserError("epochs, batch_size, eval_iters, stride, seq_len and grad_accum must be at least 1")
-    if min(cfg.max_iters, cfg.eval_interval, cfg.ckpt_interval or 0, cfg.seed) < 0:
-        raise UserError("max_iters, eval_interval, ckpt_interval and seed must not be negative")
-    if (cfg.seq_len or 0) > model_cfg.context_length:
-        raise UserError(f"seq_len={cfg.seq_len} is longer than the model's context_length="
-                        f"{model_cfg.context_length}: use at most {model_cfg.context_length}")
-    if cfg.fsdp and not procs.distributed:
-        raise UserError("fsdp=true shards the model over several processes: launch with "
-                        "torchrun --nproc_per_node=N train.py ... fsdp=true")
-    if cfg.batch_size % (procs.world_size * cfg.grad_accum):
-        raise UserError(f"batch_size={cfg.batch_size} does not split evenly into {procs.world_size} process(es) x "
-                        f"grad_accum={cfg.grad_accum} micro-batches: make batch_size a multiple of "
-                        f"{procs.world_size * cfg.grad_accum}")
+    check_model_config(model_cfg)
+    check_settings(cfg, [("seq_len", lambda v: (v or 0) <= model_cfg.context_length, f"is longer than the model's "
+                          f"context_length={model_cfg.context_length}: use at most {model_cfg.context_length}")])
     if cfg.init_from == "resume" and (
             init["model_name"] != model_name or init["model_config"] != dataclasses.asdict(model_cfg)):
         differ = [f"{k}={v}" for k, v in init["model_config"].items() if getattr(model_cfg, k, None) != v]
@@ -235,10 +238,9 @@ def schedule(cfg, n_windows):
 # ----------------------------------------------------------------------------- model and optimizer
 
 def build_model(cfg, arch, model_cfg, init, device, procs):
-    """The model (raw, and as trained: compiled, DDP), AdamW, the loss scaler, the step to start from
-    and the loss history, with init's weights and, resuming, its training state. The model is built
-    whole on the CPU, the same on every process (same seed), then moved to the device or, under FSDP,
-    cut into shards (each block, then the rest) of which each process keeps one."""
+    """The model (raw, and as trained: compiled, DDP), AdamW, the loss scaler, the step and the loss
+    history, with init's weights and, resuming, its training state. Built whole on the CPU, the same on
+    every process (same seed), then moved to the device or, under FSDP, sharded (each block, the rest)."""
     torch.manual_seed(cfg.seed)
     raw_model = arch.Transformer(model_cfg)
     if cfg.fsdp:
@@ -353,17 +355,17 @@ def plot_losses(history, path):
 
 
 def open_log(path, step, ckpt_path):
-    """The metrics log, opened for appending. A new run writes path.new, which replaces path at the run's
-    first checkpoint, so that an earlier run's log lives on until then. Resuming keeps the lines of the
-    steps up to step, from path.new if the run stopped between its first checkpoint and that."""
+    """The metrics log, opened for appending. A new run writes path.new, which replaces path at its first
+    checkpoint (an earlier run's log lives on until then); resuming keeps the lines up to step."""
+    new = path + ".new"
     if step == 0:
-        return open(path + ".new", "w", buffering=1)
-    new = os.path.exists(path + ".new") and os.path.getmtime(path + ".new") <= os.path.getmtime(ckpt_path)
-    with open(path + ".new" if new else path if os.path.exists(path) else os.devnull) as f:
+        return open(new, "w", buffering=1)
+    stopped = os.path.exists(new) and os.path.getmtime(new) <= os.path.getmtime(ckpt_path)  # before the rename
+    with open(new if stopped else path if os.path.exists(path) else os.devnull) as f:
         kept = [line for line in f if line.endswith("}\n") and json.loads(line)["step"] <= step]  # whole lines
     with open(path, "w") as f:
         f.writelines(kept)
-    pathlib.Path(path + ".new").unlink(missing_ok=True)  # used, or left by a run that stopped before its checkpoint
+    pathlib.Path(new).unlink(missing_ok=True)  # used, or left by a run that stopped before its checkpoint
     return open(path, "a", buffering=1)  # line-buffered: each line reaches the file as it is written
 
 

@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import re
+import shlex
 import sys
 import tempfile
 import urllib.request
@@ -59,8 +60,10 @@ def text_files(path):
         if not files:
             raise UserError(f"the folder {path} holds no .txt files: pass a folder of .txt files or a text file")
         return files
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserError(f"data file {path} not found: pass data=path/to/text.txt")
+    if not os.path.isfile(path):  # /dev/null, a pipe
+        raise UserError(f"data={path} is not a regular file: pass a text file or a folder of .txt files")
     return [path]
 
 
@@ -104,7 +107,7 @@ def start_tokenizer_process(name):
 def encode_piece(path, start, end):
     """In a worker process: the piece's token ids, and whether it holds more than white space."""
     text = read_piece(path, start, end)
-    return process_tokenizer.encode_to_numpy(text), not text.isspace()
+    return process_tokenizer.encode_to_numpy(text), text != "" and not text.isspace()
 
 
 def encode_in_order(workers, path):
@@ -119,10 +122,28 @@ def encode_in_order(workers, path):
 
 
 def token_cache(data, tokenizer):
-    """Where the corpus's token ids are kept, beside it, and their integer type: uint16 while they fit."""
+    """Where the corpus's token ids are kept, and their integer type: uint16 while they fit. A file's
+    cache lies beside it (story.txt.gpt2.bin), a folder's inside it (books/tokens.gpt2.bin), so that
+    a folder's never lands in the folder above, which may be /."""
     path = os.path.join(ROOT, VERDICT) if data == VERDICT else data
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    return os.path.abspath(path).rstrip(os.sep) + f".{tokenizer.tag}.bin", dtype
+    if os.path.isdir(path):
+        return os.path.join(os.path.abspath(path), f"tokens.{tokenizer.tag}.bin"), dtype
+    return os.path.abspath(path) + f".{tokenizer.tag}.bin", dtype
+
+
+def seems_encoded_as(path):
+    """The encoding a file that is not UTF-8 seems to be in, by its first bytes: UTF-16 by its byte
+    order mark, else Windows-1252 where its bytes all decode as that, else Latin-1."""
+    with open(path, "rb") as f:
+        head = f.read(PIECE_BYTES)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"
+    try:
+        head.decode("cp1252")
+        return "cp1252"
+    except UnicodeDecodeError:
+        return "latin1"
 
 
 def tokenize_corpus(data, tokenizer):
@@ -145,7 +166,7 @@ def tokenize_corpus(data, tokenizer):
     try:
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), suffix=".tmp")
     except OSError as e:
-        raise UserError(f"cannot write the token cache beside {data} ({e.strerror}): "
+        raise UserError(f"cannot write the token cache {cache} for data={data} ({e.strerror}): "
                         f"copy the text to a folder you can write to") from None
     # Processes rather than threads: tiktoken's threads (its encode_batch) contend for shared state
     # and reached 1.2x one thread's speed on 2 cores, these processes 2x (python bench.py tokenize).
@@ -164,7 +185,9 @@ def tokenize_corpus(data, tokenizer):
                     n_tokens, any_text = n_tokens + len(ids), any_text or has_text
             except UnicodeDecodeError:
                 os.remove(tmp)
-                raise UserError(f"{path} is not UTF-8 text: convert it (iconv -t utf-8) or pass another data=")
+                enc, name = seems_encoded_as(path), shlex.quote(path)
+                raise UserError(f"{path} is not UTF-8 text (it seems to be {enc}): convert it, iconv -f {enc} -t "
+                                f"utf-8 {name} > {name}.utf8 && mv {name}.utf8 {name}, or pass another data=") from None
         out.flush()
         os.fsync(out.fileno())
     if not any_text:
