@@ -19,7 +19,6 @@ import dataclasses
 import json
 import math
 import os
-import pathlib
 import sys
 import tempfile
 import time
@@ -82,8 +81,7 @@ KEEPS_WEIGHTS = ("dropout", "flash")  # the model keys that may change when trai
 
 
 def processes():
-    """This process's place in the run: torchrun starts one process per GPU (or CPU share) and tells
-    each its rank in the environment; a plain python train.py is process 0 of 1."""
+    """This process's place in the run: torchrun starts one per GPU (or CPU share) and says its rank."""
     env, rank = os.environ, int(os.environ.get("RANK", 0))
     return SimpleNamespace(distributed="RANK" in env, rank=rank, local_rank=int(env.get("LOCAL_RANK", 0)),
                            world_size=int(env.get("WORLD_SIZE", 1)), master=rank == 0)  # master: prints, writes
@@ -365,7 +363,8 @@ def open_log(path, step, ckpt_path):
         kept = [line for line in f if line.endswith("}\n") and json.loads(line)["step"] <= step]  # whole lines
     with open(path, "w") as f:
         f.writelines(kept)
-    pathlib.Path(new).unlink(missing_ok=True)  # used, or left by a run that stopped before its checkpoint
+    if os.path.exists(new):  # used, or left by a run that stopped before its checkpoint
+        os.remove(new)
     return open(path, "a", buffering=1)  # line-buffered: each line reaches the file as it is written
 
 
@@ -427,9 +426,9 @@ def main(argv):
                   f" the learning rate never reaches lr={cfg.lr}", file=sys.stderr)
 
     # the loop: one optimizer step per batch, an evaluation every eval_interval steps
-    trained = step < total_steps
     ckpt_interval = eval_interval if cfg.ckpt_interval is None else cfg.ckpt_interval
     tokens_seen = history["step_tokens"][-1] if history["step_tokens"] else 0
+    trained = step < total_steps
     saved_step, bar, t_start = (step if cfg.init_from == "resume" else None), None, time.perf_counter()
     while step < total_steps:
         if bar is None:  # a progress bar for each stretch between evaluations
