@@ -295,7 +295,7 @@ def test_llama_parameter_count(module, preset, expected):
 
 # small enough for fast tests; the toy presets train on The Verdict and are larger
 _LLAMA_TEST = dict(vocab_size=128, context_length=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
-                   d_ff=192, dtype="float32")
+                   d_ff=192, weight_dtype="float32")
 
 
 @pytest.mark.parametrize("module", [llama2, llama3])
@@ -361,7 +361,7 @@ def test_llama_long_context_allocates_no_context_squared_mask():
 # sample.py compile=true sets it up; for all three models, batches of 1 and 3, past the context.
 
 _FAST_SMALL = dict(vocab_size=96, context_length=16, d_model=32, n_layers=2, n_heads=4)
-_FAST_LLAMA = dict(_FAST_SMALL, d_ff=64, dtype="float32")
+_FAST_LLAMA = dict(_FAST_SMALL, d_ff=64, weight_dtype="float32")
 _FAST_MODELS = {  # name: (module, Config overrides)
     "gpt2": (gpt2, _FAST_SMALL),
     "llama2": (llama2, dict(_FAST_LLAMA, n_kv_heads=4)),
@@ -510,7 +510,7 @@ def test_every_preset_passes_the_model_checks(module):
 def test_help_lists_every_key_with_type_and_default(capsys):
     train.main(["--help"])
     out = capsys.readouterr().out
-    for line in ("lr               float        0.0005        peak learning rate, reached after warmup_steps",
+    for line in ("lr               float        0.0004        learning rate (the peak, with warmup_steps or decay_lr)",
                  "n_layers         int          12            transformer blocks",
                  "stride           int | None   None          step between training windows; None = seq_len",
                  "config           str          'verdict'     model preset",  # the default preset by name
@@ -1541,7 +1541,7 @@ _TRAIN_BAD_INPUT = [
     ("run-stride-0", "run", lambda tmp: ["stride=0"], "^stride=0 must be 1 or more, or None$"),
     ("seq_len-0", "call", lambda tmp: train.main(["seq_len=0"]), "^seq_len=0 must be 1 or more"),
     ("epochs-0", "call", lambda tmp: train.main(["epochs=0"]), "^epochs=0 must be 1 or more"),
-    ("run-min_lr-above-lr", "run", lambda tmp: ["config=tiny", "min_lr=1"], r"^min_lr=1\.0 must be a number from 0 up to lr=0\.0005"),
+    ("run-min_lr-above-lr", "run", lambda tmp: ["config=tiny", "min_lr=1"], r"^min_lr=1\.0 must be a number from 0 up to lr=0\.0004"),
     ("run-warmup-negative", "run", lambda tmp: ["config=tiny", "warmup_steps=-5"], "^warmup_steps=-5 must be 0 or more"),
     ("max_iters-negative", "call", lambda tmp: train.main(["max_iters=-1"]), "^max_iters=-1 must be 0 or more"),
     ("weight_decay-negative", "call", lambda tmp: train.main(["weight_decay=-0.1"]), r"^weight_decay=-0\.1 must be 0"),
