@@ -252,15 +252,22 @@ def pick_device(name):
     return device
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def pick_dtype(name, device):
-    if name == "auto":  # bf16 where the hardware runs it fast: recent GPUs, and CPUs with AVX-512 BF16/AMX
+    """The dtype= of train.py and bench.py: auto = bfloat16 where the hardware runs it fast (recent GPUs,
+    CPUs with AVX-512 BF16/AMX), else float32; device=None: the dtype= of weights as sample.py and
+    load_hf.py take it, where checkpoint = as stored (None)."""
+    if name == "auto" and device is not None:
         fast_bf16 = (torch.cuda.is_bf16_supported() if device.type == "cuda"
                      else device.type == "cpu" and torch.cpu._is_avx512_bf16_supported())
         return torch.bfloat16 if fast_bf16 else torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise UserError(f"dtype={name} is not supported: use auto, {', '.join(dtypes)}")
-    return dtypes[name]
+    if name == "checkpoint" and device is None:
+        return None
+    if name not in DTYPES:
+        raise UserError(f"dtype={name} is not supported: use {'auto' if device else 'checkpoint'}, {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 # ----------------------------------------------------------------------------- tokenizers

@@ -50,7 +50,7 @@ import gpt2
 import llama2
 import llama3
 from common import (UserError, apply_overrides, check_model_config, import_model, load_tokenizer, parse_args,
-                    print_help, run, save_checkpoint)
+                    pick_dtype, print_help, run, save_checkpoint)
 
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # hub ids that have no owner/ part
 AS_IS, CONV1D = "as is", "Conv1D"  # how HF stores one of our tensors: unchanged, or transposed
@@ -434,11 +434,9 @@ def main(argv):
         return
     if len(sources) > 1:
         raise UserError(f"one source at a time, not {' and '.join(sources)}")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "checkpoint": None}
-    if cfg.dtype not in dtypes:
-        raise UserError(f"dtype={cfg.dtype} is not supported: use {', '.join(dtypes)}")
+    dtype = pick_dtype(cfg.dtype, None)  # checkpoint = as stored (None)
     source = sources[0]
-    model, ckpt = load(source, "cpu", dtypes[cfg.dtype], pass_folder="python load_hf.py path/to/folder")
+    model, ckpt = load(source, "cpu", dtype, pass_folder="python load_hf.py path/to/folder")
     tokenizer = load_tokenizer(ckpt["tokenizer"])  # a Llama's own must be there: sample.py will need it
     out_dir = cfg.out_dir or "out-" + os.path.basename(os.path.normpath(source))
     path = os.path.join(out_dir, "ckpt.pt")

@@ -22,7 +22,7 @@ import torch
 
 import load_hf
 from common import (UserError, apply_overrides, check_settings, import_model, is_checkpoint, load_tokenizer,
-                    parse_args, pick_device, print_help, read_checkpoint, run)
+                    parse_args, pick_device, pick_dtype, print_help, read_checkpoint, run)
 
 
 @dataclass
@@ -125,11 +125,7 @@ def check(cfg):
         ("temperature", lambda v: 0 <= v < math.inf, "is negative or not a number: use 0 for greedy or a value > 0"),
         ("top_k", lambda v: v is None or v >= 1, "must be at least 1, or None for no limit"),
         ("top_p", lambda v: 0 < v <= 1, "must be in (0, 1]: 1.0 turns nucleus sampling off")])
-    dtypes = {"checkpoint": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
-              "float16": torch.float16}
-    if cfg.dtype not in dtypes:
-        raise UserError(f"dtype={cfg.dtype} is not supported: use {', '.join(dtypes)}")
-    return dtypes[cfg.dtype]
+    return pick_dtype(cfg.dtype, None)
 
 
 def compile_for_decoding(model):
