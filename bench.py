@@ -41,7 +41,7 @@ import gpt2
 from common import (MODELS, UserError, apply_overrides, import_model, load_tokenizer, model_config,
                     parse_args, pick_dtype, print_help)
 from data import prepare
-from sample import compile_for_decoding, generate
+from sample import compile_for_decoding, generate, lay_out_for_decoding
 
 
 @dataclass
@@ -303,8 +303,11 @@ def bench_decode(model_name):
     """Decode tokens/s: batch 1 and num_samples, float32, greedy, against transformers' generate."""
     MACHINE.sample()
     p, n, k, repeats = SETTINGS.prompt_len, SETTINGS.new_tokens, SETTINGS.num_samples, SETTINGS.repeats
+    as_trained = build_ours(model_name).eval()  # nn.Linear's (out, in) layout, as training leaves it
+    hf = build_hf(as_trained).eval()
     ours = build_ours(model_name).eval()
-    hf = build_hf(ours).eval()
+    ours.load_state_dict(as_trained.state_dict())
+    ours = lay_out_for_decoding(ours)  # as sample.py does: (in, out) in memory
     per_step = weight_bytes(ours)
     assert per_step == weight_bytes(hf)
     gen = torch.Generator().manual_seed(1)
@@ -324,6 +327,7 @@ def bench_decode(model_name):
 
     # name: (batch size, run once -> token ids (b, n), transformers' row of that batch size)
     rows = {"transformers generate": (1, run_hf(1)), "ours, KV cache": (1, run_ours(ours, 1)),
+            "ours, KV cache, weights laid out (out, in)": (1, run_ours(as_trained, 1)),
             "ours, no cache": (1, run_ours(ours, 1, use_cache=False))}
     if SETTINGS.compile:
         rows["ours, KV cache, compile=true"] = (1, run_ours(compiled_copy(), 1))

@@ -458,6 +458,30 @@ def test_fast_compiled_decoding_matches_eager(name):
     assert torch._inductor.config.freezing is False
 
 
+@pytest.mark.parametrize("name, tied", [("gpt2", True), ("llama3-gqa", False)])
+@pytest.mark.usefixtures("one_thread")
+def test_fast_decoding_layout_changes_memory_not_results(name, tied):
+    """sample.lay_out_for_decoding stores every linear weight (in, out) in memory: the same tensors to
+    nn.Linear, the same logits and ids, no second copy, a tied head still tied."""
+    model = _fast_model(name)
+    assert model.cfg.tie_weights == tied
+    idx = _fast_ids(3, 10)
+    with torch.no_grad():
+        expected_logits, expected_ids = model(idx), _fast_greedy(model, idx[:, :4], 20)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    relaid = sample.lay_out_for_decoding(model)
+    linears = [m for m in relaid.modules() if isinstance(m, torch.nn.Linear)]
+    for m in linears:
+        assert m.weight.shape == (m.out_features, m.in_features) and m.weight.stride() == (1, m.out_features)
+    assert all(torch.equal(v, relaid.state_dict()[k]) for k, v in state.items())
+    assert (relaid.lm_head.weight is relaid.token_embedding.weight) == tied
+    storages = {p.untyped_storage().data_ptr() for p in relaid.parameters()}
+    assert len(storages) == len(list(relaid.parameters()))  # one storage a tensor: nothing kept twice
+    with torch.no_grad():
+        assert (relaid(idx) - expected_logits).abs().max() < 1e-5
+        assert torch.equal(_fast_greedy(relaid, idx[:, :4], 20), expected_ids)
+
+
 # ===== 2. common.py: the command line, the tokenizer, checkpoint files =================================
 # What every script shares: key=value parsing into the fields' types and its one-line errors,
 # --help, GPT-2's tokenizer offline, and checkpoint files written atomically.
