@@ -961,6 +961,100 @@ def test_llama_older_config_layout_and_shards(tmp_path):
         load_hf.load(str(tmp_path / "sharded"))
 
 
+# ---- export: load_hf.py to=hf
+# Checkpoints of this project, built here with random weights and saved as train.py saves them, written
+# out as Hugging Face folders: transformers' AutoModelForCausalLM and AutoTokenizer read them back to our
+# logits and ids, load_hf.py to our tensors bit for bit, and sample.py to the same text.
+
+_EXPORT_CASES = {
+    # name: (our module, Config, tokenizer: GPT-2's, or a small one trained here as a Llama's folder,
+    # sequence length; longer than rope_original_context where the Llama 3.1 scaling is on)
+    "gpt2-book": (gpt2, dict(gpt2.PRESETS["tiny"], qkv_bias=False, tie_weights=False, dropout=0.1), "gpt2", 24),
+    "gpt2-tied": (gpt2, gpt2.PRESETS["tiny"], "gpt2", 24),
+    "llama2-gqa": (llama2, dict(_LLAMA_TEST, n_heads=8, n_kv_heads=2, rope_theta=20000.0), "trained", 24),
+    "llama3-gqa-gpt2-tokenizer": (llama3, dict(_LLAMA_TEST, n_kv_heads=2), "gpt2", 24),  # train.py --model llama3
+    "llama3.1-scaled-tied": (llama3, dict(_LLAMA_TEST, n_kv_heads=1, rope_factor=8.0, rope_original_context=32,
+                                          tie_weights=True, norm_eps=1e-6), "trained", 48),
+}
+
+
+def _export_checkpoint(tmp, name):
+    """A checkpoint of _EXPORT_CASES[name] with random weights in out_dir tmp/run, as train.py writes it
+    (a Llama's tokenizer folder beside ckpt.pt): (out_dir, the model, its tokenizer)."""
+    module, config, tokenizer_kind, _ = _EXPORT_CASES[name]
+    out = tmp / "run"
+    if tokenizer_kind == "gpt2":
+        os.makedirs(out)
+        tokenizer, recorded = common.Tokenizer(), "gpt2"
+    else:
+        _llama_tokenizer(out / "tokenizer", open(write_story(tmp)).read())
+        tokenizer, recorded = common.load_tokenizer(str(out / "tokenizer")), "tokenizer"
+    cfg = module.Config(**{**config, "vocab_size": tokenizer.vocab_size})
+    torch.manual_seed(0)
+    model = _llama_randomize(module.Transformer(cfg), seed=3).eval()
+    common.save_checkpoint({"model_name": module.__name__, "model_config": dataclasses.asdict(cfg),
+                            "train_config": {}, "tokenizer": recorded, "step": 1, "model": model.state_dict()},
+                           str(out / "ckpt.pt"))
+    return out, model, tokenizer
+
+
+@pytest.mark.parametrize("name", list(_EXPORT_CASES))
+def test_export_gives_transformers_our_logits_ids_and_text(name, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    module, _, _, seq_len = _EXPORT_CASES[name]
+    out, model, tokenizer = _export_checkpoint(tmp_path, name)
+    folder = str(tmp_path / "hf")
+    load_hf.main([str(out), "to=hf", f"out_dir={folder}"])
+    assert f"written to {folder}: config.json, generation_config.json, model.safetensors, tokenizer" in \
+        capsys.readouterr().out
+    theirs = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    assert type(theirs).__name__ == ("GPT2LMHeadModel" if module is gpt2 else "LlamaForCausalLM")
+    assert theirs.num_parameters() == module.count_parameters(model) + (6 * 64 if name == "gpt2-book" else 0)
+    idx = torch.randint(0, model.cfg.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (model(idx) - theirs(idx).logits).abs().max().item()
+    print(f"{name}: float32 max |logit difference|, ours against transformers on the export: {diff:.1e}")
+    assert diff < 1e-4
+    text = "The painter looked at the sea; every effort moves you."
+    exported = AutoTokenizer.from_pretrained(folder)
+    assert exported(text)["input_ids"] == tokenizer.encode(text)
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == tokenizer.eot_id
+
+    back, ckpt = load_hf.load(folder, dtype=None)  # bit for bit: every tensor, and the config
+    ours, read = model.state_dict(), back.state_dict()
+    assert ckpt["model_name"] == module.__name__ and set(ours) <= set(read)
+    for key, tensor in read.items():  # a GPT-2 without qkv bias comes back with zero biases: the same network
+        assert torch.equal(tensor, ours.get(key, torch.zeros_like(tensor))), key
+    assert ckpt["model_config"] == {**dataclasses.asdict(model.cfg), **({"qkv_bias": True} if module is gpt2 else {})}
+
+    args = ["prompt=The painter", "temperature=0", "max_new_tokens=12", "top_k=None"]
+    capsys.readouterr()
+    sample.main([f"init_from={out}", *args])
+    on_checkpoint = capsys.readouterr().out
+    sample.main([f"init_from={folder}", *args])
+    assert capsys.readouterr().out == on_checkpoint and on_checkpoint.startswith("The painter")
+
+
+def test_export_gpt2_tokenizer_gives_tiktoken_ids(tmp_path):
+    """GPT-2's tokenizer, built from data/gpt2.tiktoken as Hugging Face files: AutoTokenizer gives
+    tiktoken's ids, and decodes them back, on The Verdict (when data/ holds it) and on tricky text."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+    load_hf.hf_tokenizer("gpt2", 1024).save_pretrained(tmp_path)
+    theirs, ours = AutoTokenizer.from_pretrained(str(tmp_path)), common.Tokenizer()
+    assert theirs.bos_token_id == theirs.eos_token_id == 50256 and len(theirs) == 50257
+    plain = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))  # as other libraries read the file
+    texts = [open(write_story(tmp_path)).read(), "  two spaces,\ttabs\n\n\nand lines \r\n ",
+             "naïve café, 日本語, 🤖🤖",
+             "It's 12345678 o'clock: WE'LL've <|endoftext|>The next text", "<|endoftext|>", " ", "'s'S  \u00a0x"]
+    verdict = os.path.join(HERE, "data", "the-verdict.txt")
+    texts += [open(verdict, encoding="utf-8").read()] if os.path.isfile(verdict) else []
+    for text in texts:
+        ids = ours.encode(text)
+        assert theirs(text)["input_ids"] == plain.encode(text).ids == ids, text[:40]
+        assert theirs.decode(ids) == plain.decode(ids, skip_special_tokens=False) == text
+
+
 # ---- bad input (the table's columns: see bad_input_table at the top)
 
 def _hf_broken(folder, config=None, drop=None, reshape=None):
@@ -1021,6 +1115,24 @@ def _convert_without_tokenizer(tmp):
         assert not os.path.exists(tmp / "out")
 
 
+def _export_with(tmp, **config):
+    """The out_dir of a small GPT-2 checkpoint, with its model_config changed as given."""
+    out, _, _ = _export_checkpoint(tmp, "gpt2-tied")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    common.save_checkpoint({**ckpt, "model_config": {**ckpt["model_config"], **config}}, str(out / "ckpt.pt"))
+    return str(out)
+
+
+def _export_without_tokenizer(tmp):
+    """load_hf.py to=hf on a Llama checkpoint whose tokenizer folder is gone: it says so before it writes."""
+    out, _, _ = _export_checkpoint(tmp, "llama2-gqa")
+    shutil.rmtree(out / "tokenizer")
+    try:
+        load_hf.main([str(out), "to=hf", f"out_dir={tmp / 'hf'}"])
+    finally:
+        assert not os.path.exists(tmp / "hf")
+
+
 _SAFETENSORS_CUT_SHORT = b"\x10\x00\x00\x00\x00\x00\x00\x00{not json"
 
 _LOAD_HF_BAD_INPUT = [
@@ -1075,6 +1187,20 @@ _LOAD_HF_BAD_INPUT = [
     ("llama-convert-without-tokenizer", "call", _convert_without_tokenizer,
      "{tmp}/tied has no tokenizer.json: copy the model's tokenizer files"),
     ("run-offline-hub", "run-hub", lambda tmp: ["gpt2"], _OFFLINE_GPT2_LOAD_HF),
+    # to=hf: a checkpoint of this project into a Hugging Face folder
+    ("export-to-neither", "run", lambda tmp: ["out", "to=onnx"],
+     "^to=onnx: use to=ours .* or to=hf \\(a checkpoint of this project into a Hugging Face folder\\)$"),
+    ("export-hf-folder", "call", lambda tmp: load_hf.main([_hf_save(tmp / "hf", **_HF_SMALL)[1], "to=hf"]),
+     "{tmp}/hf is not a checkpoint of this project: to=hf exports a ckpt.pt written by train.py or load_hf.py"),
+    ("export-corrupt", "call", lambda tmp: load_hf.main([_corrupt_checkpoint(tmp), "to=hf"]),
+     "is not a checkpoint this project can load"),
+    ("export-wrong-shape", "call", lambda tmp: load_hf.main([_export_with(tmp, d_model=32), "to=hf"]),
+     "lacks token_embedding.weight or has it in another shape than its model_config makes it"),
+    ("export-out_dir-not-writable", "call",
+     lambda tmp: load_hf.main([_export_with(tmp), "to=hf", f"out_dir={write(tmp / 'a-file', 'x')}/hf"]),
+     "cannot write {tmp}/a-file/hf \\(Not a directory\\): pass another out_dir="),
+    ("export-without-tokenizer", "call", _export_without_tokenizer,
+     "{tmp}/run/tokenizer has no tokenizer.json: copy the model's tokenizer files"),
     ("gpt2-no-layers", "call", lambda tmp: _gpt2_load(tmp, config={"n_layer": 0}),
      r"{tmp}/gpt2/config.json makes a model that cannot be built \(n_layers=0 must be a whole number of at least 1\)"),
 ]
