@@ -1748,7 +1748,8 @@ def test_train_under_torchrun_says_bad_input_once(tmp_path):
 
 
 # ===== 7. End to end: the scripts in subprocesses, as a user runs them =================================
-# train.py then sample.py; load_hf.py then sample.py; a Llama folder with its own tokenizer.
+# train.py then sample.py; load_hf.py then sample.py; train.py, load_hf.py to=hf, then sample.py; a Llama
+# folder with its own tokenizer.
 
 def test_train_then_sample_end_to_end(tmp_path, story):
     out = tmp_path / "out"
@@ -1792,6 +1793,31 @@ def test_hf_convert_then_sample_in_subprocesses(tmp_path, capsys):
     sample.main([f"init_from={folder}", *args])  # the Hugging Face folder directly: the same text
     assert capsys.readouterr().out == converted.stdout and converted.stdout.startswith("The painter")
     # and with a hub id, offline: the rows run-offline-hub of sample.py's and train.py's bad-input tables
+
+
+def test_train_llama3_then_export_then_sample(tmp_path, story, capsys):
+    """train.py --model llama3 (scaled RoPE, grouped-query, tied), then load_hf.py out to=hf: sample.py,
+    run as a user runs it, prints on the exported folder what it prints on the checkpoint."""
+    out = tmp_path / "out"
+    train.main(["--model", "llama3", "d_model=64", "n_layers=2", "n_heads=4", "n_kv_heads=2", "d_ff=128",
+                "context_length=32", "rope_factor=8", "rope_original_context=16", "tie_weights=true", "max_iters=2",
+                "eval_interval=2", "eval_iters=1", "dtype=float32", "device=cpu", f"data={story}", f"out_dir={out}"])
+    capsys.readouterr()
+    load_hf.main([str(out), "to=hf"])  # out_dir: out-hf beside out
+    folder, printed = tmp_path / "out-hf", capsys.readouterr().out
+    assert f"(LlamaForCausalLM, float32), written to {folder}: config.json" in printed
+    assert f"python sample.py init_from={folder}" in printed
+    config = json.loads((folder / "config.json").read_text())
+    assert config["rope_parameters"] == {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 16}
+    assert config["num_key_value_heads"] == 2 and config["tie_word_embeddings"] is True
+    args = ["prompt=The painter", "temperature=0", "max_new_tokens=40"]  # past the context of 32
+    sample.main([f"init_from={out}", *args])
+    on_checkpoint = capsys.readouterr().out
+    on_export = run_script("sample.py", f"init_from={folder}", *args, env=offline_env(tmp_path))
+    assert on_export.returncode == 0, on_export.stderr
+    assert on_export.stdout == on_checkpoint and on_checkpoint.startswith("The painter")
 
 
 def _llama_tokenizer(folder, text):
