@@ -531,32 +531,31 @@ def export(source, out_dir, dtype=None):
 
     Memory: the checkpoint is memory-mapped and its tensors written where they lie; only Conv1D's
     transposes, c_attn's concatenation and a change of dtype are copies, held until the file is written:
-    at most one copy of the weights beside the checkpoint's.
+    at most one copy of the weights beside the checkpoint's. The tokenizer goes first, and is dropped
+    before the weights are read.
     """
     from safetensors.torch import save_file
+    from transformers import GenerationConfig
     model_name, cfg, state, tokenizer_name = read_ours(source)
     tokenizer = hf_tokenizer(tokenizer_name, cfg.context_length)  # first: a Llama's may be missing
-    family = FAMILY[model_name]
-    tensors = hf_tensors(model_name, cfg, state, dtype)
-    weight_dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")  # the token embedding's
-    config = FAMILIES[family][1](cfg, architectures=[HF_CLASS[family]], dtype=weight_dtype,
-                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    family, ids = FAMILY[model_name], dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    weight_dtype = str(dtype or state["token_embedding.weight"].dtype).removeprefix("torch.")
+    config = FAMILIES[family][1](cfg, architectures=[HF_CLASS[family]], dtype=weight_dtype, **ids)
     generation = os.path.join(tokenizer_name, "generation_config.json")  # a Llama folder's end tokens
-    n_params = sum(t.numel() for t in tensors.values())
     try:
         os.makedirs(out_dir, exist_ok=True)
-        weights = os.path.join(out_dir, "model.safetensors")
-        save_file(tensors, weights + ".tmp", metadata={"format": "pt"})  # as save_pretrained marks it
-        os.replace(weights + ".tmp", weights)  # never a half-written model.safetensors
-        del tensors
         config.save_pretrained(out_dir)
         if tokenizer_name != "gpt2" and os.path.isfile(generation):
             shutil.copy(generation, out_dir)
         else:
-            from transformers import GenerationConfig
-            GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
-                             ).save_pretrained(out_dir)
+            GenerationConfig(**ids).save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
+        del tokenizer  # GPT-2's, converted, takes some 85 MiB
+        tensors = hf_tensors(model_name, cfg, state, dtype)
+        n_params = sum(t.numel() for t in tensors.values())
+        weights = os.path.join(out_dir, "model.safetensors")
+        save_file(tensors, weights + ".tmp", metadata={"format": "pt"})  # as save_pretrained marks it
+        os.replace(weights + ".tmp", weights)  # never a half-written model.safetensors
     except OSError as e:
         raise UserError(f"cannot write {out_dir} ({e.strerror}): pass another out_dir=") from None
     return HF_CLASS[family], n_params, weight_dtype
