@@ -524,6 +524,20 @@ def hf_tokenizer(name, context_length):
                              model_max_length=context_length)
 
 
+def add_older_keys(path):
+    """config.json as transformers 4.x, and the tools that read its layout, read it too: rope_theta and
+    rope_scaling beside transformers 5's rope_parameters (a Llama 3.1 RoPE read as plain RoPE would be
+    wrong without a word), torch_dtype beside dtype. transformers 5 reads both."""
+    hf = read_json(path)
+    rope = hf.get("rope_parameters")
+    if rope:
+        scaling = {key: value for key, value in rope.items() if key != "rope_theta"}
+        hf |= {"rope_theta": rope["rope_theta"], "rope_scaling": None if rope["rope_type"] == "default" else scaling}
+    hf["torch_dtype"] = hf["dtype"]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(hf, f, indent=2, sort_keys=True)
+
+
 def export(source, out_dir, dtype=None):
     """Write the checkpoint source into out_dir as a Hugging Face folder: config.json, model.safetensors,
     generation_config.json and the tokenizer's files. dtype=None keeps the stored dtype. Returns
@@ -545,6 +559,7 @@ def export(source, out_dir, dtype=None):
     try:
         os.makedirs(out_dir, exist_ok=True)
         config.save_pretrained(out_dir)
+        add_older_keys(os.path.join(out_dir, "config.json"))
         if tokenizer_name != "gpt2" and os.path.isfile(generation):
             shutil.copy(generation, out_dir)
         else:
