@@ -979,6 +979,9 @@ _EXPORT_CASES = {
 }
 
 
+_EXPORT_CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+
+
 def _export_checkpoint(tmp, name):
     """A checkpoint of _EXPORT_CASES[name] with random weights in out_dir tmp/run, as train.py writes it
     (a Llama's tokenizer folder beside ckpt.pt): (out_dir, the model, its tokenizer)."""
@@ -987,8 +990,11 @@ def _export_checkpoint(tmp, name):
     if tokenizer_kind == "gpt2":
         os.makedirs(out)
         tokenizer, recorded = common.Tokenizer(), "gpt2"
-    else:
-        _llama_tokenizer(out / "tokenizer", open(write_story(tmp)).read())
+    else:  # with a chat template and a list of end tokens, as an instruct model's folder has them
+        hf = _llama_tokenizer(out / "tokenizer", open(write_story(tmp)).read())
+        hf.chat_template = _EXPORT_CHAT_TEMPLATE
+        hf.save_pretrained(out / "tokenizer")
+        write(out / "tokenizer" / "generation_config.json", json.dumps({"bos_token_id": 1, "eos_token_id": [2, 0]}))
         tokenizer, recorded = common.load_tokenizer(str(out / "tokenizer")), "tokenizer"
     cfg = module.Config(**{**config, "vocab_size": tokenizer.vocab_size})
     torch.manual_seed(0)
@@ -1006,8 +1012,9 @@ def test_export_gives_transformers_our_logits_ids_and_text(name, tmp_path, capsy
     out, model, tokenizer = _export_checkpoint(tmp_path, name)
     folder = str(tmp_path / "hf")
     load_hf.main([str(out), "to=hf", f"out_dir={folder}"])
-    assert f"written to {folder}: config.json, generation_config.json, model.safetensors, tokenizer" in \
-        capsys.readouterr().out
+    files = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    assert f"written to {folder}: {', '.join(sorted(os.listdir(folder)))}" in capsys.readouterr().out
+    assert files <= set(os.listdir(folder))  # and chat_template.jinja, where the tokenizer has a template
     theirs = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
     assert type(theirs).__name__ == ("GPT2LMHeadModel" if module is gpt2 else "LlamaForCausalLM")
     assert theirs.num_parameters() == module.count_parameters(model) + (6 * 64 if name == "gpt2-book" else 0)
@@ -1018,7 +1025,11 @@ def test_export_gives_transformers_our_logits_ids_and_text(name, tmp_path, capsy
     text = "The painter looked at the sea; every effort moves you."
     exported = AutoTokenizer.from_pretrained(folder)
     assert exported(text)["input_ids"] == tokenizer.encode(text)
-    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == tokenizer.eot_id
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    if isinstance(tokenizer, common.Tokenizer):
+        assert generation["eos_token_id"] == generation["bos_token_id"] == 50256
+    else:  # the folder's own, copied
+        assert generation["eos_token_id"] == [2, 0] and exported.chat_template == _EXPORT_CHAT_TEMPLATE
 
     back, ckpt = load_hf.load(folder, dtype=None)  # bit for bit: every tensor, and the config
     ours, read = model.state_dict(), back.state_dict()
