@@ -15,7 +15,7 @@ ratios within one run mean more than the absolute numbers. The `machine` section
 others are compared with: the memory bandwidth decoding can at best reach, and the matmul peak.
 
 It measures the scripts through their public functions: generate and compile_for_decoding from
-sample.py, load from load_hf.py, tokenize_corpus from data/prepare.py, the command line and the
+sample.py, load and export from load_hf.py, tokenize_corpus from data/prepare.py, the command line and the
 tokenizer from common.py; train.py is run as a user runs it (ddp section). transformers is
 imported only by the sections that compare with it.
 """
