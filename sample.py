@@ -206,6 +206,10 @@ class Printer:
             print(text[self.shown:], end="", flush=True)
             self.shown = len(text)
 
+    def finish(self):
+        """Print what is held back (bytes the sample ended in the middle of a character with), then a newline."""
+        print(self.tokenizer.decode(self.ids)[self.shown:], flush=True)
+
 
 class Chat:
     """One conversation with an instruct model, its KV cache kept from turn to turn.
@@ -262,7 +266,7 @@ class Chat:
             if new[-1] in end_ids:
                 break
             printer.add(new[-1])
-        print(flush=True)
+        printer.finish()
         self.n_tokens, self.seconds = self.n_tokens + len(new), self.seconds + time.perf_counter() - t0
         self.cached = ids + new[:-1]  # the last new token was never fed to the model
         self.turns.append([message, self.tokenizer.decode(until_end(new, end_ids))])
@@ -329,7 +333,7 @@ def continue_text(model, tokenizer, cfg):
             if int(next_id[0]) in tokenizer.end_ids:
                 break
             printer.add(int(next_id[0]))
-        print()
+        printer.finish()
     else:
         new = torch.stack(list(steps), dim=1).tolist()  # (num_samples, steps)
         n_tokens = len(new[0]) * cfg.num_samples
@@ -354,9 +358,9 @@ def load_for_sampling(cfg, model_name, dtype):
         raise UserError(f"top_k={cfg.top_k} must be between 1 and the vocabulary size {tokenizer.vocab_size},"
                         f" or None for no limit")
     if cfg.chat and tokenizer.chat_template is None:
-        raise UserError(f"chat=true needs an instruct model, whose tokenizer has a chat template (as "
-                        f"Llama-3.2-1B-Instruct's has), and the {ckpt['tokenizer']} tokenizer of {cfg.init_from} has "
-                        f"none: pass such a model as init_from=, or leave chat= out to continue a text")
+        raise UserError(f"{cfg.init_from} has no chat template (its tokenizer: {ckpt['tokenizer']}): chat=true "
+                        f"needs an instruct model, whose tokenizer has one as Llama-3.2-1B-Instruct's does; pass "
+                        f"such a model as init_from=, or leave chat= out to continue a text")
     if dtype is not None:
         model = model.to(dtype)
     return lay_out_for_decoding(model.eval()), tokenizer

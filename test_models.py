@@ -835,6 +835,16 @@ def _one_layer_checkpoint(tmp):
     return str(tmp)
 
 
+def _instruct(tmp, template=True, ends=None):
+    """An instruct folder of section ---- chat (without its chat template, or with generation_config.json
+    holding ends: bytes for the file, or else its eos_token_id)."""
+    _instruct_folder(tmp / "instruct", open(write_story(tmp)).read(), template=template)
+    if ends is not None:
+        write(tmp / "instruct" / "generation_config.json",
+              ends if isinstance(ends, bytes) else json.dumps({"eos_token_id": ends}))
+    return str(tmp / "instruct")
+
+
 def _corrupt_checkpoint(tmp):
     write(tmp / "ckpt.pt", b"not a checkpoint at all")
     return str(tmp)
@@ -875,6 +885,25 @@ _SAMPLE_BAD_INPUT = [
      "^num_samples=0 must be at least 1"),
     ("dtype-before-loading", "call", lambda tmp: sample.main(["dtype=float8", "init_from=/no/such/dir"]),
      "^dtype=float8 is not supported"),
+    # chat=true (instruct folders: see ---- chat above)
+    ("run-chat-without-template", "run",
+     lambda tmp: ["chat=true", "prompt=Hi", f"init_from={_one_layer_checkpoint(tmp)}"],
+     r"^\S+ has no chat template \(its tokenizer: gpt2\): chat=true needs an instruct model, whose tokenizer "
+     r"has one .*; pass such a model as init_from=, or leave chat= out"),
+    ("chat-base-llama", "call", lambda tmp: sample.main(["chat=true", f"init_from={_instruct(tmp, template=False)}"]),
+     "^{tmp}/instruct has no chat template \\(its tokenizer: {tmp}/instruct\\)"),
+    ("chat-num_samples", "call", lambda tmp: sample.main(["chat=true", "num_samples=2", "init_from=/no/such/dir"]),
+     "^chat=true gives one reply at a time, not num_samples=2: leave num_samples at 1$"),
+    ("system-without-chat", "call", lambda tmp: sample.main(["system=Be brief.", "init_from=/no/such/dir"]),
+     "^system= is the system message of a chat: add chat=true"),
+    ("chat-message-too-long", "call",
+     lambda tmp: sample.main(["chat=true", f"prompt={'sea ' * 300}", f"init_from={_instruct(tmp)}"]),
+     r"^the message makes a conversation of \d+ tokens, more than the context length 256: send a shorter one$"),
+    ("generation-config-not-json", "call", lambda tmp: sample.main([f"init_from={_instruct(tmp, ends=b'{not json')}"]),
+     r"^cannot read the end tokens in {tmp}/instruct/generation_config.json \(JSONDecodeError\): copy the "
+     r"model's generation_config.json again, or delete it"),
+    ("generation-config-names", "call", lambda tmp: sample.main([f"init_from={_instruct(tmp, ends='</s>')}"]),
+     r"^cannot read the end tokens in {tmp}/instruct/generation_config.json \(ValueError\)"),
 ]
 
 
@@ -1917,3 +1946,33 @@ def test_llama_folder_with_tokenizer_end_to_end(tmp_path, story):
     resumed = torch.load(trained / "ckpt.pt", weights_only=True)
     assert resumed["model_name"] == "llama2" and resumed["step"] == 2 * ckpt["step"] > 0
     assert resumed["tokenizer"] == "tokenizer" and os.path.isfile(trained / "tokenizer" / "tokenizer.json")
+
+
+@pytest.mark.parametrize("style", ["llama3", "llama2"])
+def test_chat_with_an_instruct_folder_end_to_end(tmp_path, story, style, capsys):
+    """sample.py chat=true gives transformers' replies: one turn (prompt=) on the folder and on
+    load_hf.py's conversion of it, which keeps the template and the end tokens; then, in a subprocess,
+    two turns from standard input with a system message, and /reset starting the conversation again."""
+    folder, out = tmp_path / "instruct", tmp_path / "converted"
+    theirs, hf_tokenizer = _instruct_folder(folder, open(story).read(), style)
+    args = ["chat=true", "temperature=0", "max_new_tokens=10", "top_k=None"]
+    one_turn = _hf_text(hf_tokenizer, _hf_reply(theirs, hf_tokenizer, _messages("", [], _CHAT[0]), 10)[1]) + "\n"
+    sample.main([f"init_from={folder}", f"prompt={_CHAT[0]}", *args])
+    assert capsys.readouterr().out == one_turn
+    load_hf.main([str(folder), f"out_dir={out}"])
+    assert os.path.isfile(out / "tokenizer" / "generation_config.json")
+    assert common.load_tokenizer(str(out / "tokenizer")).end_ids == common.load_tokenizer(str(folder)).end_ids
+    capsys.readouterr()
+    sample.main([f"init_from={out}", f"prompt={_CHAT[0]}", *args])
+    assert capsys.readouterr().out == one_turn
+
+    system, turns = "Answer briefly.", []
+    for message in _CHAT[:2]:
+        reply = _hf_reply(theirs, hf_tokenizer, _messages(system, turns, message), 10)[1]
+        turns.append((message, _hf_text(hf_tokenizer, reply)))
+    result = subprocess.run([sys.executable, "sample.py", f"init_from={folder}", f"system={system}", *args],
+                            input=f"{_CHAT[0]}\n{_CHAT[1]}\n\n/reset\n{_CHAT[0]}\n", cwd=HERE,
+                            env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "".join(reply + "\n" for reply in (turns[0][1], turns[1][1], turns[0][1]))
+    assert "> " not in result.stderr and "tokens/s" in result.stderr  # no prompt: stdin is not a terminal
