@@ -330,7 +330,13 @@ class HFTokenizer:
     def chat_ids(self, messages):
         """The ids of a conversation, [{"role": "system" | "user" | "assistant", "content": text}, ...],
         formatted by the tokenizer's own chat template and ending where the assistant's reply starts."""
-        return self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        try:
+            return self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=False)
+        except Exception as e:  # the template's own raise_exception (a model without a system role), or a bad file
+            raise UserError(f"the chat template of {self.name} cannot format this conversation "
+                            f"({type(e).__name__}: {' '.join(str(e).split())}): leave system= out if the model "
+                            f"takes none, or copy the model's tokenizer files again") from None
 
     def encode(self, text):
         return self.hf.encode(text)  # with the start token (<s>, <|begin_of_text|>) the model expects

@@ -835,10 +835,15 @@ def _one_layer_checkpoint(tmp):
     return str(tmp)
 
 
+_NO_SYSTEM = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+
+
 def _instruct(tmp, template=True, ends=None):
-    """An instruct folder of section ---- chat (without its chat template, or with generation_config.json
-    holding ends: bytes for the file, or else its eos_token_id)."""
-    _instruct_folder(tmp / "instruct", open(write_story(tmp)).read(), template=template)
+    """An instruct folder of section ---- chat: template False, without its chat template; a str, with
+    that template; ends, with generation_config.json holding it (bytes: the file; else its eos_token_id)."""
+    _instruct_folder(tmp / "instruct", open(write_story(tmp)).read(), template=template is not False)
+    if isinstance(template, str):
+        write(tmp / "instruct" / "chat_template.jinja", template)
     if ends is not None:
         write(tmp / "instruct" / "generation_config.json",
               ends if isinstance(ends, bytes) else json.dumps({"eos_token_id": ends}))
@@ -899,6 +904,11 @@ _SAMPLE_BAD_INPUT = [
     ("chat-message-too-long", "call",
      lambda tmp: sample.main(["chat=true", f"prompt={'sea ' * 300}", f"init_from={_instruct(tmp)}"]),
      r"^the message makes a conversation of \d+ tokens, more than the context length 256: send a shorter one$"),
+    ("chat-template-refuses-system", "call",
+     lambda tmp: sample.main(["chat=true", "prompt=Hi", "system=Be brief.",
+                              f"init_from={_instruct(tmp, template=_NO_SYSTEM)}"]),
+     r"^the chat template of {tmp}/instruct cannot format this conversation \(TemplateError: System role not "
+     r"supported\): leave system= out if the model takes none"),
     ("generation-config-not-json", "call", lambda tmp: sample.main([f"init_from={_instruct(tmp, ends=b'{not json')}"]),
      r"^cannot read the end tokens in {tmp}/instruct/generation_config.json \(JSONDecodeError\): copy the "
      r"model's generation_config.json again, or delete it"),
