@@ -258,10 +258,11 @@ class Chat:
         ids, cfg, end_ids = self.prompt_ids(message), self.cfg, self.tokenizer.end_ids
         ctx = self.model.cfg.context_length
         keep = min(common_prefix(ids, self.cached), len(ids) - 1) if cfg.use_cache else None
+        idx = torch.tensor([ids], device=next(self.model.parameters()).device)
+        steps = generate(self.model, idx, min(cfg.max_new_tokens, ctx - len(ids)), cfg.temperature, cfg.top_k,
+                         cfg.top_p, end_ids, cfg.use_cache, cached=keep)
         t0, new, printer = time.perf_counter(), [], Printer(self.tokenizer, [])  # the reply alone
-        for next_id in generate(self.model, torch.tensor([ids], device=next(self.model.parameters()).device),
-                                min(cfg.max_new_tokens, ctx - len(ids)), cfg.temperature, cfg.top_k, cfg.top_p,
-                                end_ids, cfg.use_cache, cached=keep):
+        for next_id in steps:
             new.append(int(next_id[0]))
             if new[-1] in end_ids:
                 break

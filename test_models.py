@@ -5,7 +5,7 @@ The sections follow the files under test in the order a reader meets them:
   1. the model files gpt2.py, llama2.py, llama3.py: parameter counts, shapes, causality, the KV cache,
      and the fast paths beside the readable one (flash attention, last_only, torch.compile);
   2. common.py: the key=value command line, the GPT-2 tokenizer, checkpoint files;
-  3. sample.py: generation and sampling, load_model;
+  3. sample.py: generation and sampling, every end token, chat with the KV cache kept, load_model;
   4. load_hf.py: GPT-2 and Llama weights from Hugging Face folders;
   5. data/prepare.py: the token cache (a memmap) and the training windows;
   6. train.py: training runs, starting from pretrained weights or a checkpoint, resuming, DDP and FSDP;
@@ -577,7 +577,8 @@ def test_checkpoint_round_trip(tmp_path):
 
 # ===== 3. sample.py: generation, sampling, load_model ==================================================
 # generate with and without the KV cache (past the context too), each row of a batch stopping at
-# end of text, top_k and top_p, seeds; then sample.py's bad input, load_model's included.
+# any end token, top_k and top_p, seeds; chat through a chat template, the KV cache kept between
+# turns; then sample.py's bad input, load_model's included.
 
 
 # ---- generation
@@ -1846,7 +1847,8 @@ def test_train_under_torchrun_says_bad_input_once(tmp_path):
 
 
 # ===== 7. End to end: the scripts in subprocesses, as a user runs them =================================
-# train.py then sample.py; load_hf.py then sample.py; a Llama folder with its own tokenizer.
+# train.py then sample.py; load_hf.py then sample.py; a Llama folder with its own tokenizer; chat with
+# an instruct folder, one turn and two from standard input.
 
 def test_train_then_sample_end_to_end(tmp_path, story):
     out = tmp_path / "out"
