@@ -285,7 +285,9 @@ def typed_lines(stdin):
         if stdin.isatty():
             print("> ", end="", file=sys.stderr, flush=True)
         line = stdin.readline()
-        if not line:
+        if not line:  # the end of the input (Ctrl-D on a terminal)
+            if stdin.isatty():
+                print(file=sys.stderr)  # what comes next starts a line of its own
             return
         yield line.rstrip("\n")
 
