@@ -429,7 +429,7 @@ def bench_chat(model_name):
     cfg = model_config(arch, SETTINGS.config or MODELS[arch.__name__])
     cfg.context_length, cfg.weight_dtype = max(cfg.context_length, 1024, p + 2 * n + 32), "float32"
     torch.manual_seed(0)
-    model = arch.Transformer(cfg).eval()
+    model = lay_out_for_decoding(arch.Transformer(cfg).eval())  # as sample.py loads it
     gen = torch.Generator().manual_seed(4)
     first = torch.randint(0, cfg.vocab_size, (1, p), generator=gen)
     model.setup_cache(1, cfg.context_length)  # once, as Chat does: the turns share it

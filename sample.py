@@ -347,8 +347,8 @@ def continue_text(model, tokenizer, cfg):
 
 
 def load_for_sampling(cfg, model_name, dtype):
-    """The model of init_from, in dtype (None: as stored) and in eval mode, and its tokenizer; refuses,
-    in one line, a tokenizer that does not fit the model or the settings."""
+    """The model of init_from, in dtype (None: as stored), in eval mode and laid out for decoding, and its
+    tokenizer; refuses, in one line, a tokenizer that does not fit the model or the settings."""
     model, ckpt = load_model(cfg.init_from, pick_device(cfg.device), dtype=None)  # None: HF weights as stored
     if model_name is not None and model_name != ckpt["model_name"]:
         raise UserError(f"--model {model_name} does not match the checkpoint, which holds a "
