@@ -661,13 +661,14 @@ def test_end_tokens_come_from_generation_config_and_the_tokenizer(tmp_path, stor
     folder = tmp_path / "hf-llama"
     _llama_tokenizer(folder, open(story).read())  # eos </s>: id 2
     assert common.load_tokenizer(str(folder)).end_ids == (2,)
-    for eos, expected in ((None, (2,)), (7, (7, 2)), ([5, 2, 6], (5, 2, 6))):
+    for eos, expected in ((None, (2,)), (7, (7, 2)), ([5, 2, 6], (5, 2, 6)), ([5, 7, 6], (5, 7, 6, 2))):
         write(folder / "generation_config.json", json.dumps({"bos_token_id": 1, "eos_token_id": eos}))
         tokenizer = common.load_tokenizer(str(folder))
         assert tokenizer.end_ids == expected
+    assert _scripted([3], 7, tokenizer.end_ids, steps=20) == [[1, 1, 1, 7]]  # the second listed one ends it
     assert tokenizer.save(str(tmp_path / "out")) == "tokenizer"
     copy = common.load_tokenizer(str(tmp_path / "out" / "tokenizer"))
-    assert copy.end_ids == (5, 2, 6)
+    assert copy.end_ids == (5, 7, 6, 2)
     assert common.load_tokenizer("gpt2").end_ids == (50256,)
 
 
