@@ -1,8 +1,8 @@
 """Speed, measured side by side with transformers on the same weights, on this machine, in one run.
 
     python bench.py                                  # every section, 124M GPT-2, float32
-    python bench.py decode prefill                   # some sections: machine decode prefill train
-                                                     #   load tokenize ddp
+    python bench.py decode prefill                   # some sections: machine decode prefill chat
+                                                     #   train load tokenize ddp
     python bench.py --model llama3 config=toy        # Llama 3 (toy preset) against LlamaForCausalLM
     python bench.py decode compile=true              # settings: key=value; --help lists them
 
@@ -416,6 +416,53 @@ def bench_prefill(model_name):
          for name, s in seconds.items()]))
 
 
+def bench_chat(model_name):
+    """A second chat turn, the first turn's KV cache kept, against a fresh run of the whole conversation.
+
+    As sample.py's Chat: one cache at the context length; the second turn's conversation is the first's
+    (prefill_len tokens), its reply (new_tokens), and a 32-token message; its reply is new_tokens long.
+    The kept cache prefills only what follows the longest common prefix, the fresh run all of it. A
+    Llama: llama3 (toy preset, 48M, its context made 1024) unless --model llama2; config= another size.
+    """
+    MACHINE.sample()
+    p, n, repeats = SETTINGS.prefill_len, SETTINGS.new_tokens, SETTINGS.repeats
+    arch = import_model("llama2" if model_name == "llama2" else "llama3")
+    cfg = model_config(arch, SETTINGS.config or MODELS[arch.__name__])
+    cfg.context_length, cfg.weight_dtype = max(cfg.context_length, 1024, p + 2 * n + 32), "float32"
+    torch.manual_seed(0)
+    model = lay_out_for_decoding(arch.Transformer(cfg).eval())  # as sample.py loads it
+    gen = torch.Generator().manual_seed(4)
+    first = torch.randint(0, cfg.vocab_size, (1, p), generator=gen)
+    model.setup_cache(1, cfg.context_length)  # once, as Chat does: the turns share it
+    reply = torch.stack(list(generate(model, first, n, cached=0)), dim=1)
+    message = torch.randint(0, cfg.vocab_size, (1, 32), generator=gen)
+    second = torch.cat([first, reply, message], dim=1)  # the conversation of the second turn
+    keep = p + n - 1  # the first turn's last token was sampled, never fed: not in the cache
+
+    def turn(cached, tokens):
+        return lambda: torch.stack(list(generate(model, second, tokens, cached=cached)), dim=1)
+
+    rows = {"second turn, cache kept": keep, "fresh run of the whole conversation": 0}
+    seconds = {(name, tokens): float("inf") for name in rows for tokens in (1, n)}
+    with torch.no_grad():
+        same = torch.equal(turn(keep, n)(), turn(0, n)())  # the cache's prefix is rewritten with the same ids
+        for i in range(repeats):  # in turns, so that a busy moment of the machine hits them all
+            progress("chat", f"every row, timed run {i + 1} of {repeats}")
+            for (name, tokens) in seconds:
+                seconds[name, tokens] = min(seconds[name, tokens], best_time(turn(rows[name], tokens), 1))
+            MACHINE.sample()
+    fresh = "fresh run of the whole conversation"
+    print(f"(chat: second turn {seconds[next(iter(rows)), n]:.2f} s, fresh {seconds[fresh, n]:.2f} s)", flush=True)
+    TABLES.append(lambda: table(
+        f"chat: {arch.__name__} ({sum(t.numel() for t in model.parameters()) / 1e6:.0f}M parameters), float32, "
+        f"batch 1, greedy; second turn of a {second.shape[1]}-token conversation, {n}-token reply",
+        ["", "tokens prefilled", "first token ms", "vs fresh", "whole reply s", "vs fresh"],
+        [[name, second.shape[1] - cached, f"{seconds[name, 1] * 1e3:.0f}",
+          f"{seconds[fresh, 1] / seconds[name, 1]:.1f}x", f"{seconds[name, n]:.2f}",
+          f"{seconds[fresh, n] / seconds[name, n]:.2f}x"] for name, cached in rows.items()],
+        f"same reply both ways: {'yes' if same else 'no'}"))
+
+
 def bench_train(model_name):
     """Training tokens/s (forward, backward, fused AdamW step), ours against transformers."""
     MACHINE.sample()
@@ -763,8 +810,8 @@ def bench_ddp(model_name):
         ["run", "cores", "tokens/s", "per core", "vs 1 process", "tokens per CPU-s", "vs 1 process"], rows))
 
 
-SECTIONS = {"machine": bench_machine, "decode": bench_decode, "prefill": bench_prefill, "train": bench_train,
-            "load": bench_load, "tokenize": bench_tokenize, "ddp": bench_ddp}
+SECTIONS = {"machine": bench_machine, "decode": bench_decode, "prefill": bench_prefill, "chat": bench_chat,
+            "train": bench_train, "load": bench_load, "tokenize": bench_tokenize, "ddp": bench_ddp}
 
 
 def main(argv):
