@@ -1847,13 +1847,13 @@ def _gpu_deterministic(monkeypatch):
 @pytest.mark.usefixtures("_gpu_deterministic")
 def test_gpu_train_bfloat16_flash_compile_loss_falls_and_resumes_exactly(tmp_path, monkeypatch):
     """test_scale_resume_is_exact on the GPU, with bfloat16 autocast, flash attention and torch.compile."""
-    args = [*_GPU_RUN, f"data={_corpus_file(tmp_path)}", "dropout=0.1", "max_iters=8", "eval_interval=4",
-            "ckpt_interval=4"]
+    args = [*_GPU_RUN, f"data={write_story(tmp_path)}", "lr=3e-3", "batch_size=4", "dropout=0.1", "max_iters=8",
+            "eval_interval=4", "ckpt_interval=4"]
     train.main([*args, f"out_dir={tmp_path / 'whole'}"])
     whole = _read_ckpt(tmp_path / "whole")
     losses = whole["history"]["step_loss"]
     assert len(losses) == 8 and losses[-1] < losses[0] - 1.0, losses
-    assert whole["history"]["train"][-1] < whole["history"]["train"][0] - 1.0
+    assert whole["history"]["train"][-1] < whole["history"]["train"][0] - 0.5  # steps 4 and 8
     assert whole["train_config"]["dtype"] == "bfloat16" and whole["train_config"]["compile"]
     assert {w.dtype for w in whole["model"].values()} == {torch.float32}  # autocast: float32 weights
     assert "cuda" in whole["rng"][0]  # the GPU's random state too, for dropout
@@ -1885,7 +1885,7 @@ def _gpu_torchrun(tmp_path_factory):
     out = tmp / "out"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
-         *_GPU_RUN, f"data={write_story(tmp)}", "max_iters=12", "batch_size=4", f"out_dir={out}"],
+         *_GPU_RUN, f"data={write_story(tmp)}", "lr=3e-3", "max_iters=12", "batch_size=4", f"out_dir={out}"],
         cwd=HERE, capture_output=True, text=True, timeout=600, env={**os.environ, "NCCL_DEBUG": "INFO"})
     return result, out
 
