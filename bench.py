@@ -226,11 +226,12 @@ def build_hf(ours):
     cfg, w = ours.cfg, ours.state_dict()
     if not hasattr(cfg, "n_kv_heads"):  # GPT-2: Conv1D layers store the weight transposed (in, out)
         from transformers import GPT2Config, GPT2LMHeadModel
-        hf = GPT2LMHeadModel(GPT2Config(
-            vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.d_model,
-            n_layer=cfg.n_layers, n_head=cfg.n_heads, layer_norm_epsilon=cfg.norm_eps,
-            tie_word_embeddings=cfg.tie_weights, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            attn_implementation="sdpa"))
+        with torch.device(DEVICE):  # initialised where it runs, as ours
+            hf = GPT2LMHeadModel(GPT2Config(
+                vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.d_model,
+                n_layer=cfg.n_layers, n_head=cfg.n_heads, layer_norm_epsilon=cfg.norm_eps,
+                tie_word_embeddings=cfg.tie_weights, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                attn_implementation="sdpa"))
         state = {"transformer.wte.weight": w["token_embedding.weight"],
                  "transformer.wpe.weight": w["position_embedding.weight"],
                  "transformer.ln_f.weight": w["final_norm.weight"],
@@ -254,12 +255,13 @@ def build_hf(ours):
             rope.update(rope_type="llama3", factor=cfg.rope_factor,
                         low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
                         original_max_position_embeddings=cfg.rope_original_context)
-        hf = LlamaForCausalLM(LlamaConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.context_length,
-            rms_norm_eps=cfg.norm_eps, rope_parameters=rope, tie_word_embeddings=cfg.tie_weights,
-            attn_implementation="sdpa"))
+        with torch.device(DEVICE):  # initialised where it runs, as ours
+            hf = LlamaForCausalLM(LlamaConfig(
+                vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+                num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.context_length,
+                rms_norm_eps=cfg.norm_eps, rope_parameters=rope, tie_word_embeddings=cfg.tie_weights,
+                attn_implementation="sdpa"))
         state = {"model.embed_tokens.weight": w["token_embedding.weight"],
                  "model.norm.weight": w["final_norm.weight"], "lm_head.weight": w["lm_head.weight"]}
         names = {"attn_norm": "input_layernorm", "attn.wq": "self_attn.q_proj",
