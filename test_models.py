@@ -10,6 +10,7 @@ The sections follow the files under test in the order a reader meets them:
   5. data/prepare.py: the token cache (a memmap) and the training windows;
   6. train.py: training runs, starting from pretrained weights or a checkpoint, resuming, DDP and FSDP;
   7. end to end: the scripts in subprocesses, as a user runs them.
+  8. on a GPU: the CUDA paths of the above (skipped, with the reason, where there is no GPU).
 
 It imports the three model files, common, sample, load_hf, train and data.prepare, and transformers
 for its GPT2LMHeadModel, LlamaForCausalLM and tokenizers to compare against. Nothing is downloaded:
