@@ -262,8 +262,8 @@ def pick_dtype(name, device):
     CPUs with AVX-512 BF16/AMX), else float32; device=None: the dtype= of weights as sample.py and
     load_hf.py take it, where checkpoint = as stored (None)."""
     if name == "auto" and device is not None:
-        fast_bf16 = (torch.cuda.is_bf16_supported() if device.type == "cuda"
-                     else device.type == "cpu" and torch.cpu._is_avx512_bf16_supported())
+        fast_bf16 = (torch.cuda.get_device_capability(device)[0] >= 8  # Ampere on; before: emulated, slow
+                     if device.type == "cuda" else device.type == "cpu" and torch.cpu._is_avx512_bf16_supported())
         return torch.bfloat16 if fast_bf16 else torch.float32
     if name == "checkpoint" and device is None:
         return None

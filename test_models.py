@@ -10,6 +10,7 @@ The sections follow the files under test in the order a reader meets them:
   5. data/prepare.py: the token cache (a memmap) and the training windows;
   6. train.py: training runs, starting from pretrained weights or a checkpoint, resuming, DDP and FSDP;
   7. end to end: the scripts in subprocesses, as a user runs them.
+  8. on a GPU: the CUDA paths of the above (skipped, with the reason, where there is no GPU).
 
 It imports the three model files, common, sample, load_hf, train and data.prepare, and transformers
 for its GPT2LMHeadModel, LlamaForCausalLM and tokenizers to compare against. Nothing is downloaded:
@@ -2162,3 +2163,185 @@ def test_chat_with_an_instruct_folder_end_to_end(tmp_path, story, style, capsys)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "".join(reply + "\n" for reply in (turns[0][1], turns[1][1], turns[0][1]))
     assert "> " not in result.stderr and "tokens/s" in result.stderr  # no prompt: stdin is not a terminal
+
+
+# ===== 8. On a GPU (skipped without CUDA) ===============================================================
+# The CUDA paths of everything above, on a GPU: the same logits as the CPU, flash against einsum, the
+# KV cache and compiled decoding against the readable path, a bfloat16 + flash + compiled train.py run
+# that resumes exactly, torchrun with nccl, and sample.py on its checkpoint. Without a GPU, CI reports
+# them skipped; README "On a GPU" gives the command that runs them together with bench.py.
+
+_GPU = "cuda"
+_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (README: On a GPU)")
+_GPU_HF_MODELS = ["gpt2", "llama2-gqa", "llama3.1-scaled-mqa", "llama3.2-scaled-tied"]
+# _TINY_RUN on the GPU, with the fast paths a GPU user turns on
+_GPU_RUN = [arg for arg in _TINY_RUN if not arg.startswith(("device=", "dtype="))] + [
+    f"device={_GPU}", "dtype=bfloat16", "flash=true", "compile=true"]
+
+
+def _gpu_folder(name, tmp_path):
+    """A small random Hugging Face folder (GPT-2 of _HF_SMALL, or a Llama of _LLAMA_HF_CONFIGS) and a
+    batch of 2 prompts for it."""
+    if name == "gpt2":
+        theirs, folder = _hf_save(tmp_path, **_HF_SMALL)
+        seq_len = 64
+    else:
+        theirs, _, seq_len = _llama_hf(name)
+        theirs.save_pretrained(tmp_path)
+        folder = str(tmp_path)
+    return folder, _llama_ids(theirs, 2, seq_len)
+
+
+@_cuda
+@pytest.mark.parametrize("name", _GPU_HF_MODELS)
+def test_gpu_logits_equal_the_cpus(name, tmp_path):
+    """The models load_hf.py checks against transformers (sections 1 and 4), loaded onto the GPU."""
+    folder, idx = _gpu_folder(name, tmp_path)
+    # bfloat16: 0.1, the tolerance of test_llama_bfloat16_close_to_transformers. Its 8-bit mantissa moves
+    # these logits by ~0.07 from float32, so two right bfloat16 results that sum in another order (the
+    # GPU's kernels, the CPU's) may differ by about as much.
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 0.1)):
+        cpu, _ = load_hf.load(folder, "cpu", dtype)
+        gpu, _ = load_hf.load(folder, _GPU, dtype)
+        assert {p.device.type for p in gpu.parameters()} == {torch.device(_GPU).type}
+        with torch.no_grad():
+            expected, got = cpu.eval()(idx), gpu.eval()(idx.to(_GPU)).cpu()
+        diff = _llama_max_diff(got, expected)
+        print(f"{name}, {dtype}: max |GPU - CPU logits| {diff:.2e}")
+        assert diff < tolerance, (dtype, diff)
+
+
+@_cuda
+@pytest.mark.parametrize("name", list(_FAST_MODELS))
+def test_gpu_flash_equals_einsum(name):
+    """float32 as section 1 checks it; bfloat16, where F.scaled_dot_product_attention takes the GPU's
+    flash kernel (in float32 it takes another), against einsum in bfloat16."""
+    idx = _fast_ids(3, 16).to(_GPU)
+    einsum, flash = _fast_model(name).to(_GPU), _fast_model(name, flash=True).to(_GPU)
+    with torch.no_grad():
+        assert _llama_max_diff(einsum(idx), flash(idx)) < 1e-5
+        for model in (einsum, flash):  # the cached path, through the explicit mask
+            model.setup_cache(3, 16)
+            model(idx[:, :10], start_pos=0, use_cache=True)
+        cached = [model(idx[:, 10:], start_pos=10, use_cache=True) for model in (einsum, flash)]
+        assert _llama_max_diff(*cached) < 1e-5
+        reference = einsum(idx)
+        einsum.to(torch.bfloat16)
+        flash.to(torch.bfloat16)
+        got, expected = flash(idx), einsum(idx)
+    print(f"{name}: bfloat16 flash against einsum {_llama_max_diff(got, expected):.3f}, against float32 "
+          f"{_llama_max_diff(got, reference):.3f} (logits up to {reference.abs().max().item():.1f})")
+    assert _llama_max_diff(got, expected) < 0.1  # bfloat16: as in test_gpu_logits_equal_the_cpus, and why
+
+
+@_cuda
+@pytest.mark.parametrize("name", list(_FAST_MODELS))
+def test_gpu_greedy_with_the_cache_equals_without(name):
+    idx = _fast_ids(3, 6)  # 6 + 30 tokens: the 16-token window slides 20 times
+    expected = _fast_greedy(_fast_model(name), idx, 30, use_cache=False)  # the readable path, on the CPU
+    for flash in (False, True):
+        model = _fast_model(name, flash).to(_GPU)
+        assert torch.equal(_fast_greedy(model, idx.to(_GPU), 30).cpu(), expected), flash
+        assert torch.equal(_fast_greedy(model, idx.to(_GPU), 30, use_cache=False).cpu(), expected), flash
+
+
+@_cuda
+@pytest.mark.parametrize("name", ["gpt2", "llama3.1-scaled-mqa"])
+def test_gpu_compiled_decoding_equals_eager(name):
+    """sample.py compile=true on the GPU (torch.compile, dynamic shapes), as section 1 checks it on the CPU."""
+    model = _fast_model(name).to(_GPU)
+    idx = _fast_ids(3, 6).to(_GPU)
+    expected = _fast_greedy(model, idx, 14, use_cache=False)  # 6 + 14 tokens: past the context
+    compiled = sample.compile_for_decoding(_fast_model(name).to(_GPU))
+    assert torch.equal(_fast_greedy(compiled, idx, 14), expected)
+    with torch.no_grad():
+        full = model(idx)
+        compiled.setup_cache(3, 16)  # the size generate used: a new size would compile again
+        prefill = compiled(idx[:, :5], start_pos=0, use_cache=True, last_only=True)
+        step = compiled(idx[:, 5:], start_pos=5, use_cache=True, last_only=True)
+    assert (prefill[:, 0] - full[:, 4]).abs().max() < 1e-4
+    assert (step[:, 0] - full[:, 5]).abs().max() < 1e-4
+
+
+@pytest.fixture
+def _gpu_deterministic(monkeypatch):
+    """Deterministic kernels for the test. On a GPU, atomic adds (the embedding's gradient, flash
+    attention's backward) make two runs of the same steps differ in their last bits; with these, a
+    run repeats bit for bit, so a difference after resuming can only come from the resume."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic workspace
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+@_cuda
+@pytest.mark.usefixtures("_gpu_deterministic")
+def test_gpu_train_bfloat16_flash_compile_loss_falls_and_resumes_exactly(tmp_path, monkeypatch):
+    """test_scale_resume_is_exact on the GPU, with bfloat16 autocast, flash attention and torch.compile."""
+    args = [*_GPU_RUN, f"data={write_story(tmp_path)}", "lr=3e-3", "batch_size=4", "dropout=0.1", "max_iters=8",
+            "eval_interval=4", "ckpt_interval=4"]
+    train.main([*args, f"out_dir={tmp_path / 'whole'}"])
+    whole = _read_ckpt(tmp_path / "whole")
+    losses = whole["history"]["step_loss"]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 1.0, losses
+    assert whole["history"]["train"][-1] < whole["history"]["train"][0] - 0.5  # steps 4 and 8
+    assert whole["train_config"]["dtype"] == "bfloat16" and whole["train_config"]["compile"]
+    assert {w.dtype for w in whole["model"].values()} == {torch.float32}  # autocast: float32 weights
+    assert "cuda" in whole["rng"][0]  # the GPU's random state too, for dropout
+
+    save = common.save_checkpoint
+
+    def save_then_stop(checkpoint, path):
+        save(checkpoint, path)
+        raise _ScaleStop
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
+    with pytest.raises(_ScaleStop):
+        train.main([*args, f"out_dir={tmp_path / 'halves'}"])
+    assert _read_ckpt(tmp_path / "halves")["step"] == 4
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    train.main([*args, "init_from=resume", f"out_dir={tmp_path / 'halves'}"])
+    halves = _read_ckpt(tmp_path / "halves")
+    assert halves["step"] == 8 and halves["history"] == whole["history"]  # every loss, bit for bit
+    for name, weight in whole["model"].items():
+        assert torch.equal(weight, halves["model"][name]), name
+    for name, state in whole["optimizer"]["state"].items():
+        assert all(torch.equal(v, halves["optimizer"]["state"][name][k]) for k, v in state.items())
+
+
+@pytest.fixture(scope="module")
+def _gpu_torchrun(tmp_path_factory):
+    """train.py under torchrun, one process on the GPU: bfloat16, flash, compile; NCCL says what it sets up."""
+    tmp = tmp_path_factory.mktemp("gpu-torchrun")
+    out = tmp / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
+         *_GPU_RUN, f"data={write_story(tmp)}", "lr=3e-3", "max_iters=12", "batch_size=4", f"out_dir={out}"],
+        cwd=HERE, capture_output=True, text=True, timeout=600, env={**os.environ, "NCCL_DEBUG": "INFO"})
+    return result, out
+
+
+@_cuda
+def test_gpu_torchrun_one_process_nccl_trains(_gpu_torchrun):
+    result, out = _gpu_torchrun
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "cuda:0 bfloat16, 1 processes" in result.stdout  # the process's GPU, under DDP
+    assert "NCCL INFO" in result.stdout + result.stderr  # the backend is nccl
+    ckpt = _read_ckpt(out)
+    losses = ckpt["history"]["step_loss"]
+    assert ckpt["step"] == 12 and losses[-1] < losses[0] - 1.0, losses
+    assert len(ckpt["rng"]) == 1 and "cuda" in ckpt["rng"][0]
+
+
+@_cuda
+def test_gpu_sample_py_on_the_checkpoint(_gpu_torchrun, tmp_path):
+    """sample.py on the GPU, eager and compile=true, prints what it prints on the CPU (greedy)."""
+    _, out = _gpu_torchrun
+    args = [f"init_from={out}", "prompt=The painter", "temperature=0", "max_new_tokens=20"]
+    texts = {}
+    for device, extra in (("cpu", []), (_GPU, []), (_GPU, ["compile=true"])):
+        result = run_script("sample.py", *args, f"device={device}", *extra, env=offline_env(tmp_path))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.startswith("The painter") and "tokens/s" in result.stderr
+        texts[(device, *extra)] = result.stdout
+    assert len(set(texts.values())) == 1, texts
