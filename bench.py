@@ -380,11 +380,11 @@ def bench_decode(model_name):
     MACHINE.sample()
     p, n, k, repeats = SETTINGS.prompt_len, SETTINGS.new_tokens, SETTINGS.num_samples, SETTINGS.repeats
     dt, flash = decode_dtype(), on_gpu()  # a GPU: flash attention, as transformers' sdpa
-    as_trained = build_ours(model_name, flash=flash).to(dt).eval()  # nn.Linear's (out, in) layout
+    as_trained = build_ours(model_name, flash=flash).to(dt).eval()  # the head (vocab, d_model) in memory
     hf = build_hf(as_trained).to(dt).eval()
     ours = build_ours(model_name, flash=flash).to(dt).eval()
     ours.load_state_dict(as_trained.state_dict())
-    ours = lay_out_for_decoding(ours)  # as sample.py does: on a CPU, (in, out) in memory
+    ours = lay_out_for_decoding(ours)  # as sample.py does: on a CPU, the head (d_model, vocab) in memory
     per_step = weight_bytes(ours)
     assert per_step == weight_bytes(hf)
     gen = torch.Generator().manual_seed(1)
@@ -406,7 +406,7 @@ def bench_decode(model_name):
     rows = {"transformers generate": (1, run_hf(1)), "ours, KV cache": (1, run_ours(ours, 1)),
             "ours, no cache": (1, run_ours(ours, 1, use_cache=False))}
     if not on_gpu():  # what lay_out_for_decoding gains
-        rows["ours, KV cache, weights laid out (out, in)"] = (1, run_ours(as_trained, 1))
+        rows["ours, KV cache, head laid out (vocab, d_model)"] = (1, run_ours(as_trained, 1))
     if SETTINGS.compile:
         rows["ours, KV cache, compile=true"] = (1, run_ours(compiled_copy(), 1))
     rows[f"transformers generate, batch {k}"] = (k, run_hf(k))

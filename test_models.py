@@ -462,7 +462,7 @@ def test_fast_compiled_decoding_matches_eager(name):
 @pytest.mark.parametrize("name, tied", [("gpt2", True), ("llama3-gqa", False)])
 @pytest.mark.usefixtures("one_thread")
 def test_fast_decoding_layout_changes_memory_not_results(name, tied):
-    """sample.lay_out_for_decoding stores every linear weight (in, out) in memory: the same tensors to
+    """sample.lay_out_for_decoding stores the output head (d_model, vocab) in memory: the same tensors to
     nn.Linear, the same logits and ids, no second copy, a tied head still tied."""
     model = _fast_model(name)
     assert model.cfg.tie_weights == tied
@@ -471,9 +471,9 @@ def test_fast_decoding_layout_changes_memory_not_results(name, tied):
         expected_logits, expected_ids = model(idx), _fast_greedy(model, idx[:, :4], 20)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     relaid = sample.lay_out_for_decoding(model)
-    linears = [m for m in relaid.modules() if isinstance(m, torch.nn.Linear)]
-    for m in linears:
-        assert m.weight.shape == (m.out_features, m.in_features) and m.weight.stride() == (1, m.out_features)
+    vocab, d_model = relaid.cfg.vocab_size, relaid.cfg.d_model
+    assert relaid.lm_head.weight.shape == (vocab, d_model) and relaid.lm_head.weight.stride() == (1, vocab)
+    assert all(m.weight.is_contiguous() for m in relaid.blocks.modules() if isinstance(m, torch.nn.Linear))
     assert all(torch.equal(v, relaid.state_dict()[k]) for k, v in state.items())
     assert (relaid.lm_head.weight is relaid.token_embedding.weight) == tied
     storages = {p.untyped_storage().data_ptr() for p in relaid.parameters()}
