@@ -8,8 +8,9 @@ alone is never needed; for a corpus of gigabytes it does the work ahead of time,
 while the GPUs wait. A corpus is one UTF-8 text file or a folder of .txt files, joined by the end
 token. Its text is cut into pieces of about a megabyte at places where the tokenizer always ends a
 token, and the pieces are tokenized by one worker process per CPU core. train.py reads the cache
-through np.memmap, in windows of context_length + 1 tokens: batch_starts says which windows make the
-batch of each step, get_batch reads them.
+through np.memmap, in windows of context_length + 1 tokens (Windows): batch_starts says which windows
+make the batch of each step, get_batch reads them. Instruction data (.json, .jsonl) is read by
+data/instructions.py instead.
 
 Imports common.py (the tokenizers and UserError); run from the project's folder.
 """
@@ -253,6 +254,28 @@ def eval_starts(n_tokens, context_length, stride, n):
     """n windows spread evenly over a split (repeating some if it has fewer): the same ones every time."""
     starts = window_starts(n_tokens, context_length, stride)
     return starts[torch.arange(n) * len(starts) // n]
+
+
+class Windows:
+    """One split of the corpus (tokens, in memory or a memmap) read in windows of context_length + 1
+    tokens every stride: what train.py trains on. data/instructions.py's Examples has the same methods,
+    so that train.py reads either: len() (windows), draw (the starts of a step's batch), eval_rows and
+    read (a batch of inputs and targets)."""
+
+    def __init__(self, tokens, context_length, stride):
+        self.tokens, self.context_length, self.stride = tokens, context_length, stride
+
+    def __len__(self):
+        return len(window_starts(len(self.tokens), self.context_length, self.stride))
+
+    def draw(self, step, cfg):
+        return batch_starts(step, len(self.tokens), self.context_length, cfg)
+
+    def eval_rows(self, n):
+        return eval_starts(len(self.tokens), self.context_length, self.stride, n)
+
+    def read(self, starts):
+        return get_batch(self.tokens, starts, self.context_length)
 
 
 @dataclass
