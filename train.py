@@ -5,18 +5,16 @@
     python train.py init_from=gpt2 seq_len=256   # continue training GPT-2's published weights
     python train.py init_from=resume             # carry on where the run in out_dir stopped
     python train.py data=books/ max_iters=5000   # a large corpus: random windows, tokenized once into a memmap
-    python train.py init_from=gpt2-medium data=instruction-data.json epochs=2   # instruction finetuning
-    python train.py init_from=gpt2 data=instruction-data.json lora_rank=8      # the same with LoRA adapters
+    python train.py init_from=gpt2-medium data=instruction-data.json epochs=2 lora_rank=8   # answer instructions
     torchrun --nproc_per_node=4 train.py data=books/ max_iters=5000 fsdp=true   # several GPUs or processes
     python train.py --help                       # every key, with its type and default
 
 Any key of TrainConfig below, or of the model's Config, can be set as key=value (or --key=value).
 
 The file reads top to bottom: the settings; configure (the command line, the model, the weights to
-start from) and check; the data, LoRA, the model and its optimizer; then main, the training loop. It
-imports common.py (command line, tokenizers, checkpoint files), data/prepare.py (the token cache),
-data/instructions.py (instruction examples), load_hf.py (Hugging Face weights) and sample.py (the
-sample printed at each evaluation).
+start from) and check; the data, LoRA, the model and its optimizer; then main, the training loop. It imports
+common.py (command line, tokenizers, checkpoint files), data/prepare.py (the token cache), data/instructions.py
+(instruction examples), load_hf.py (Hugging Face weights) and sample.py (the sample at each evaluation).
 """
 import dataclasses
 import json
@@ -44,8 +42,8 @@ import load_hf
 from common import (MODELS, UserError, apply_overrides, check_model_config, check_settings, import_model,
                     is_checkpoint, load_tokenizer, model_config, parse_args, pick_device, pick_dtype, print_help,
                     read_checkpoint, run, save_checkpoint)
-from data.instructions import IGNORE, is_instruction_data, load_examples
-from data.prepare import VERDICT, Windows, read_splits, tokenize_corpus
+from data.instructions import IGNORE, is_instruction_data
+from data.prepare import VERDICT, read_splits, schedule, tokenize_corpus
 from sample import complete, generate
 
 
@@ -163,9 +161,9 @@ def check_values(cfg, procs):
         ("weight_decay", lambda v: 0 <= v < math.inf, "must be 0 (none) or more, e.g. weight_decay=0.1"),
         ("grad_clip", lambda v: v >= 0, "must be 0 (off) or more, e.g. grad_clip=1.0"),
         ("fsdp", lambda v: not v or procs.distributed, "shards the model: launch with torchrun --nproc_per_node=N"),
-        ("lora_rank", lambda v: v >= 0, "must be 0 (off) or more, e.g. lora_rank=8"),
-        ("lora_alpha", lambda v: v is None or 0 < v < math.inf, "must be above 0, e.g. lora_alpha=16 (None = 2 x rank)"),
-        ("lora_rank", lambda v: not (v and cfg.fsdp), "does not work with fsdp=true: leave fsdp out (DDP) instead"),
+        ("lora_rank", lambda v: v >= 0 and not (v and cfg.fsdp), "must be 0 (off) or more, e.g. lora_rank=8; "
+         "LoRA does not work with fsdp=true: leave fsdp out (DDP)"),
+        ("lora_alpha", lambda v: v is None or 0 < v < math.inf, "must be above 0, e.g. lora_alpha=16"),
         ("batch_size", lambda v: v % (procs.world_size * cfg.grad_accum) == 0,
          f"does not split evenly into {procs.world_size} process(es) x grad_accum={cfg.grad_accum} micro-batches: "
          f"make batch_size a multiple of {procs.world_size * cfg.grad_accum}")])
@@ -190,10 +188,8 @@ def check(cfg, model_name, model_cfg, built, init, ckpt_path):
                         f"{' with ' + ', '.join(differ) if differ else ''}, not the {model_name} model "
                         f"this command builds: resume with the --model, config= and model keys of the run "
                         f"that wrote it (or none of them), or pass another out_dir=")
-    lora = {k: init["train_config"].get(k) or None for k in ("lora_rank", "lora_alpha")} if init else {}
-    if cfg.init_from == "resume" and lora != {"lora_rank": cfg.lora_rank or None, "lora_alpha": cfg.lora_alpha}:
-        raise UserError(f"{ckpt_path} was trained with lora_rank={lora['lora_rank'] or 0} lora_alpha="
-                        f"{lora['lora_alpha']}: resume with those (the adapters and their optimizer state)")
+    if cfg.init_from == "resume" and (was := init["train_config"].get("lora_rank", 0)) != cfg.lora_rank:
+        raise UserError(f"{ckpt_path} was trained with lora_rank={was}: resume with that lora_rank= and lora_alpha=")
 
 
 def pick_place(cfg, procs):
@@ -218,19 +214,13 @@ def pick_place(cfg, procs):
 # ----------------------------------------------------------------------------- data
 
 def load_data(cfg, model_cfg, init, ctx, procs, device):
-    """The tokenizer (pretrained weights keep theirs) and the training and validation splits: a corpus's
-    windows of ctx + 1 tokens, 90% and 10% of its tokens, cached beside it (data/prepare.py), or 90% and
-    10% of the instruction examples (data/instructions.py). One process on each machine tokenizes a
-    corpus, if its cache is out of date, before the process group starts: the others wait in the barrier."""
+    """The tokenizer (pretrained weights keep theirs), and the training and validation splits (read_splits). One
+    process on each machine tokenizes a corpus into its cache, if out of date, before the process group starts."""
     tokenizer = load_tokenizer(init["tokenizer"] if init else "gpt2")
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise UserError(f"vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                         f"{tokenizer.vocab_size}: leave vocab_size at its default")
-    if is_instruction_data(cfg.data):  # small: every process reads and tokenizes it, before the group starts
-        train, val, n_cut, prompt_format = load_examples(cfg.data, tokenizer, ctx, cfg.seed, cfg.mask_prompt)
-        about = (f"{len(train)} training and {len(val)} validation examples ({n_cut} cut to {ctx + 1} tokens), "
-                 f"{prompt_format} prompts")
-    elif procs.local_rank == 0:
+    if procs.local_rank == 0 and not is_instruction_data(cfg.data):  # instructions: small, read by every process
         tokenize_corpus(cfg.data, tokenizer)
     if procs.distributed:
         if device.type == "cuda":
@@ -238,36 +228,19 @@ def load_data(cfg, model_cfg, init, ctx, procs, device):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
         dist.barrier()
-    if not is_instruction_data(cfg.data):
-        train, val = (Windows(tokens, ctx, cfg.stride or ctx) for tokens in read_splits(cfg.data, tokenizer, ctx))
-        prompt_format, about = None, f"{len(train.tokens):,} training tokens" + (
-            ", random windows" if cfg.max_iters else f" in {len(train)} windows")
-    return SimpleNamespace(tokenizer=tokenizer, train=train, val=val, prompt_format=prompt_format, about=about,
-                           unit="examples" if prompt_format else "windows")
-
-
-def schedule(cfg, data):
-    """(total steps, steps per epoch or None, steps between evaluations)."""
-    if cfg.max_iters:
-        return cfg.max_iters, None, cfg.eval_interval or max(1, cfg.max_iters // 10)
-    if len(data.train) < cfg.batch_size:
-        raise UserError(f"{cfg.data} gives {len(data.train)} training {data.unit}, fewer than batch_size="
-                        f"{cfg.batch_size}: use a smaller batch_size or context_length, or more data")
-    steps_per_epoch = len(data.train) // cfg.batch_size  # the last, incomplete batch of an epoch is dropped
-    return cfg.epochs * steps_per_epoch, steps_per_epoch, cfg.eval_interval or steps_per_epoch
+    return tokenizer, *read_splits(cfg, tokenizer, ctx)
 
 
 # ----------------------------------------------------------------------------- LoRA
 
 class LoRALinear(torch.nn.Module):
-    """A frozen nn.Linear and a low-rank update that trains (the book's appendix E, LinearWithLoRA):
-    x W^T + b + scale * x A B, A (d_in, rank) random, B (rank, d_out) zero at first, scale = alpha / rank."""
+    """A frozen nn.Linear plus a low-rank update that trains, scale * x A B (the book's LinearWithLoRA)."""
 
     def __init__(self, linear, rank, scale):
         super().__init__()
         self.linear, self.scale, w = linear, scale, linear.weight
-        self.A = torch.nn.Parameter(torch.empty(w.shape[1], rank, dtype=w.dtype))
-        torch.nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.A = torch.nn.Parameter(torch.nn.init.kaiming_uniform_(  # as nn.Linear initialises its weight
+            torch.empty(w.shape[1], rank, dtype=w.dtype), a=math.sqrt(5)))
         self.B = torch.nn.Parameter(torch.zeros(rank, w.shape[0], dtype=w.dtype))  # so the model starts as it was
 
     def forward(self, x):  # (b, t, d_in) -> (b, t, d_out)
@@ -275,8 +248,7 @@ class LoRALinear(torch.nn.Module):
 
 
 def add_lora(model, rank, alpha):
-    """Freeze the model and wrap each nn.Linear inside its blocks (attention's wq, wk, wv, wo, the MLP's)
-    in a LoRALinear: only the adapters train. The model file stays the plain architecture."""
+    """Freeze the model, and wrap each nn.Linear in its blocks (wq, wk, wv, wo, the MLP's) in a LoRALinear."""
     model.requires_grad_(False)
     for block in model.blocks:
         for name, module in list(block.named_modules()):
@@ -286,64 +258,34 @@ def add_lora(model, rank, alpha):
 
 
 def merge_lora(state, scale):
-    """Split the state dict of a model with adapters into (the ordinary state dict, each adapted weight
-    merged into W + scale * (A B)^T, which sample.py and init_from= load as any other; what resuming needs
-    besides: the adapters and the frozen W). W is kept because the merged weight minus scale * (A B)^T is
-    not W again in floating point, and resuming must continue bit for bit."""
-    merged, lora = {}, {}
-    for name, value in state.items():
-        layer, _, leaf = name.rpartition(".")
-        if leaf in ("A", "B"):
-            lora[name] = value
-        elif name.endswith(".linear.weight"):
-            lora[name], outer = value, layer.removesuffix(".linear")
-            update = (state[outer + ".A"].float() @ state[outer + ".B"].float()).T * scale  # (d_out, d_in)
-            merged[outer + ".weight"] = (value.float() + update).to(value.dtype)
-        else:
-            merged[name.replace(".linear.", ".")] = value  # an adapted layer's bias, or any other tensor
+    """(the ordinary state dict, each adapted W merged into W + scale * (A B)^T, for sample.py and init_from=;
+    the adapted layers' own, to resume: the adapters and W itself, as merged - scale * (A B)^T is not W again)."""
+    lora = {k: v for k, v in state.items() if ".linear." in k or k.endswith((".A", ".B"))}
+    merged = {k.replace(".linear.", "."): v for k, v in state.items() if not k.endswith((".A", ".B"))}
+    for layer in (k.removesuffix(".A") for k in lora if k.endswith(".A")):
+        w, update = merged[layer + ".weight"], lora[layer + ".A"].float() @ lora[layer + ".B"].float()
+        merged[layer + ".weight"] = (w.float() + scale * update.T).to(w.dtype)  # (d_out, d_in)
     return merged, lora
-
-
-def unmerge_lora(init):
-    """The state dict of the model with adapters, from a checkpoint whose state merge_lora split."""
-    state = dict(init["lora"])
-    for name, value in init["model"].items():
-        layer, _, leaf = name.rpartition(".")
-        if layer + ".linear.weight" not in state:
-            state[name] = value
-        elif leaf == "bias":
-            state[layer + ".linear.bias"] = value
-    return state
 
 
 # ----------------------------------------------------------------------------- model and optimizer
 
-def load_weights(model, state, init_from):
-    try:
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise UserError(f"the weights of {init_from} do not fit this model ({str(e).splitlines()[0]}): "
-                        f"leave out the model keys that change its shape") from None
-
-
 def build_model(cfg, arch, model_cfg, init, device, procs):
-    """The model (raw, and as trained: compiled, DDP), AdamW, the loss scaler, the step and the loss
-    history, with init's weights and, resuming, its training state. Built whole on the CPU, the same on
-    every process (same seed), with LoRA's adapters if lora_rank > 0, then moved to the device or, under
-    FSDP, sharded (each block, the rest)."""
+    """The model (raw, and as trained: compiled, DDP), AdamW, the loss scaler, the step and the loss history,
+    with init's weights and, resuming, its training state. Built whole on the CPU, the same on every process
+    (same seed), LoRA's adapters added, then moved to the device or, under FSDP, sharded (each block, the rest)."""
     torch.manual_seed(cfg.seed)
     raw_model = arch.Transformer(model_cfg)
-    resume_lora = cfg.init_from == "resume" and cfg.lora_rank > 0
-    if init is not None and not resume_lora:
-        load_weights(raw_model, init["model"], cfg.init_from)
+    if init is not None:
+        try:
+            set_model_state_dict(raw_model, init["model"], options=StateDictOptions(full_state_dict=True))
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise UserError(f"the weights of {cfg.init_from} do not fit this model ({str(e).splitlines()[0]}): "
+                            f"leave out the model keys that change its shape") from None
     if cfg.lora_rank:
         add_lora(raw_model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank)
-        if resume_lora:  # the frozen weights and the adapters as they were
-            load_weights(raw_model, unmerge_lora(init), cfg.init_from)
-        n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
-        if procs.master:
-            print(f"LoRA: {n_train:,} of {arch.count_parameters(raw_model):,} parameters train "
-                  f"({n_train / arch.count_parameters(raw_model):.2%}), the adapters of rank {cfg.lora_rank}")
+        if cfg.init_from == "resume":  # the adapted layers as they were, frozen weights included (merge_lora)
+            raw_model.load_state_dict(init["lora"], strict=False)
     if cfg.fsdp:
         mesh = init_device_mesh(device.type, (procs.world_size,))
         for block in raw_model.blocks:
@@ -352,8 +294,7 @@ def build_model(cfg, arch, model_cfg, init, device, procs):
     else:
         raw_model.to(device)
     trained = [p for p in raw_model.parameters() if p.requires_grad]  # with LoRA, the adapters only
-    decay = [p for p in trained if p.dim() >= 2]  # matrices and embeddings, not biases or norms
-    no_decay = [p for p in trained if p.dim() < 2]
+    decay, no_decay = [p for p in trained if p.dim() >= 2], [p for p in trained if p.dim() < 2]  # matrices: decay
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
@@ -379,8 +320,7 @@ def build_model(cfg, arch, model_cfg, init, device, procs):
 # ----------------------------------------------------------------------------- training
 
 def loss_fn(model, x, y):
-    """The mean cross-entropy over the targets that count: instruction data's are IGNORE elsewhere."""
-    logits = model(x)  # (b, t, vocab)
+    logits = model(x)  # (b, t, vocab); instruction data's targets are IGNORE outside the responses
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
 
 
@@ -425,14 +365,13 @@ def optimizer_step(model, optimizer, scaler, split, rows, cfg, autocast, device,
     return loss_sum / procs.world_size, int(n_targets)
 
 
-def evaluation_sample(model, data, prompt):
-    """What the model says at an evaluation: its greedy response to the first validation instruction, up to
-    the end token, or with a corpus its continuation of prompt."""
-    if data.prompt_format is None:
-        return complete(model, data.tokenizer, prompt, 50)
-    ids = torch.tensor([data.val.prompt(0)], device=next(model.parameters()).device)
-    new = [int(t) for t in generate(model, ids, 50, eot_id=data.tokenizer.eot_id)]
-    return "response: " + data.tokenizer.decode(new[:-1] if new[-1:] == [data.tokenizer.eot_id] else new)
+def evaluation_sample(model, tokenizer, val, prompt):
+    """The greedy response to the first validation instruction, or with a corpus the continuation of prompt."""
+    if val.format is None:
+        return complete(model, tokenizer, prompt, 50)
+    new = generate(model, torch.tensor([val.prompt(0)], device=next(model.parameters()).device), 50,
+                   eot_id=tokenizer.eot_id)
+    return "response: " + tokenizer.decode([t for t in map(int, new) if t != tokenizer.eot_id])
 
 
 def lr_at(step, total_steps, cfg):
@@ -481,8 +420,7 @@ def open_log(path, step, ckpt_path):
 def save_training(path, raw_model, optimizer, scaler, checkpoint, world_size):
     """Checkpoint the run: everything init_from=resume needs to carry on exactly. Every process takes
     part: under FSDP the full model and optimizer state are gathered from the shards (onto the CPU of
-    process 0, which alone writes), and each process's random state is kept. With LoRA, "model" holds the
-    merged weights and "lora" the adapters and the weights they adapt (merge_lora)."""
+    process 0, which alone writes), and each process's random state is kept; with LoRA, see merge_lora."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     checkpoint["model"] = get_model_state_dict(raw_model, options=options)
     if adapted := [m for m in raw_model.modules() if isinstance(m, LoRALinear)]:
@@ -511,20 +449,22 @@ def main(argv):
 
     # data: windows of ctx + 1 tokens (inputs and the targets one token later), or instruction examples
     ctx = cfg.seq_len or model_cfg.context_length
-    data = load_data(cfg, model_cfg, init, ctx, procs, device)
-    total_steps, steps_per_epoch, eval_interval = schedule(cfg, data)
+    tokenizer, train, val = load_data(cfg, model_cfg, init, ctx, procs, device)
+    total_steps, steps_per_epoch, eval_interval = schedule(cfg, train)
     micro_batch = cfg.batch_size // (procs.world_size * cfg.grad_accum)
-    splits = [(split, split.eval_rows(cfg.eval_iters * cfg.batch_size)) for split in (data.train, data.val)]
+    splits = [(split, split.eval_rows(cfg.eval_iters * cfg.batch_size)) for split in (train, val)]
 
     # the model and its optimizer
     arch = import_model(model_name)
     raw_model, model, optimizer, scaler, step, history = build_model(cfg, arch, model_cfg, init, device, procs)
     del init  # let go of the memory-mapped checkpoint file
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    saved_tokenizer = data.tokenizer.save(cfg.out_dir) if procs.master else data.tokenizer.name  # a Llama's: copied
+    saved_tokenizer = tokenizer.save(cfg.out_dir) if procs.master else tokenizer.name  # a Llama's: copied
     if procs.master:
-        print(f"{model_name} ({source}): {arch.count_parameters(raw_model):,} parameters, {data.about}, "
-              f"{total_steps} steps of {cfg.batch_size} {data.unit}, {device} "
+        n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)  # LoRA: the adapters only
+        print(f"{model_name} ({source}): {arch.count_parameters(raw_model):,} parameters, {n_train:,} training "
+              f"({n_train / arch.count_parameters(raw_model):.2%}), {train.describe(cfg)}, {total_steps} steps of "
+              f"{cfg.batch_size} {train.unit}, {device} "
               f"{str(dtype).removeprefix('torch.')}{f', {procs.world_size} processes' * procs.distributed}"
               + (f", from step {step}" if step else ""))
         log = open_log(os.path.join(cfg.out_dir, "log.jsonl"), step, ckpt_path)
@@ -549,8 +489,8 @@ def main(argv):
         lr = lr_at(step, total_steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        mine = data.train.draw(step, cfg).view(procs.world_size, -1)[procs.rank]  # my share of the batch
-        step_loss, n_targets = optimizer_step(model, optimizer, scaler, data.train, mine, cfg, autocast, device, procs)
+        mine = train.draw(step, cfg).view(procs.world_size, -1)[procs.rank]  # my share of the batch
+        step_loss, n_targets = optimizer_step(model, optimizer, scaler, train, mine, cfg, autocast, device, procs)
         if not math.isfinite(step_loss):
             kept = f"{ckpt_path} from step {saved_step} is kept" if saved_step else "no checkpoint was written"
             raise UserError(f"the loss became {step_loss} at step {step + 1}: {kept}; lower lr= (now {cfg.lr}) "
@@ -575,7 +515,7 @@ def main(argv):
                 history[key].append(value)
             raw_model.eval()  # every process generates: under FSDP each forward needs them all
             with autocast:
-                sample = evaluation_sample(raw_model, data, cfg.prompt)
+                sample = evaluation_sample(raw_model, tokenizer, val, cfg.prompt)
             raw_model.train()
             if procs.master:
                 where = (f"epoch {step // steps_per_epoch:2d}  step {step:4d}"
@@ -589,7 +529,7 @@ def main(argv):
             save_training(ckpt_path, raw_model, optimizer, scaler,
                           {"model_name": model_name, "model_config": dataclasses.asdict(model_cfg),
                            "train_config": dataclasses.asdict(cfg), "tokenizer": saved_tokenizer,
-                           "prompt_format": data.prompt_format, "history": history, "step": step}, procs.world_size)
+                           "prompt_format": val.format, "history": history, "step": step}, procs.world_size)
             if procs.master and saved_step is None and log.name.endswith(".new"):
                 os.replace(log.name, log.name.removesuffix(".new"))  # the new run's log takes over
             saved_step = step

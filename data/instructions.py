@@ -134,7 +134,10 @@ class Examples:
     (the rows of a step's batch), eval_rows and read (a batch of inputs and targets).
     """
 
-    def __init__(self, examples, mask_prompt, end_id):
+    unit = "examples"
+
+    def __init__(self, examples, mask_prompt, end_id, format, note=""):
+        self.format, self.note = format, note  # the prompt format; what describe says besides the count
         self.ids = [ids for ids, _ in examples]
         self.n_prompt = [n for _, n in examples]
         self.mask_prompt = mask_prompt  # false: the loss counts the prompt too, as the book's main chapter
@@ -156,6 +159,9 @@ class Examples:
         """n examples spread evenly over the split (repeating some if it has fewer): the same every time."""
         return torch.arange(n) * len(self) // n
 
+    def describe(self, cfg):
+        return f"{len(self)} training examples{self.note}, {self.format} prompts"
+
     def prompt(self, row):
         """The prompt of an example: what the model answers at each evaluation."""
         return self.ids[row][:self.n_prompt[row]]
@@ -176,8 +182,8 @@ class Examples:
 
 
 def load_examples(path, tokenizer, context_length, seed, mask_prompt):
-    """(training Examples, validation Examples, how many were cut to the context, the prompt format):
-    90% of the examples to train, 10% to validate, split by an order drawn from the seed."""
+    """(training Examples, validation Examples): 90% of the examples to train, 10% to validate, split by an
+    order drawn from the seed. An example longer than context_length + 1 tokens is cut."""
     records = read_examples(path)
     format = prompt_format(tokenizer)
     if format == "alpaca" and path.endswith(".jsonl"):
@@ -196,4 +202,5 @@ def load_examples(path, tokenizer, context_length, seed, mask_prompt):
     order = np.random.default_rng(seed).permutation(len(kept))
     n_val = max(1, len(kept) // 10)
     split = [[kept[i] for i in part] for part in (order[n_val:], order[:n_val])]
-    return (*(Examples(part, mask_prompt, tokenizer.eot_id) for part in split), sum(longer), format)
+    note = f" and {n_val} to validate ({sum(longer)} of all cut to {context_length + 1} tokens)"
+    return [Examples(part, mask_prompt, tokenizer.eot_id, format, note) for part in split]
