@@ -46,7 +46,7 @@ import load_hf  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 from common import UserError  # noqa: E402
-from data import prepare  # noqa: E402
+from data import instructions, prepare  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -1172,6 +1172,67 @@ def test_memmap_batches_equal_in_memory_batches(tmp_path, monkeypatch):
     assert len(cached()) > 0
 
 
+# ---- instruction data (data/instructions.py): the Alpaca prompt, the masked loss, the split
+
+_COLORS = ["red", "green", "blue", "white", "black", "yellow", "brown", "grey", "pink", "orange"]
+
+
+def _instructions_file(tmp_path, examples=None, name="instructions.json"):
+    """A .json list of instructions (by default one per color, every second with an input), or any
+    examples given, in tmp_path/name; a list of lines for a .jsonl file."""
+    if examples is None:
+        examples = [{"instruction": f"Name the color {c}.", "input": "Say it twice." if i % 2 else "",
+                     "output": f"{c.title()}, {c}."} for i, c in enumerate(_COLORS)]
+    text = "\n".join(map(json.dumps, examples)) if name.endswith(".jsonl") else json.dumps(examples)
+    return write(tmp_path / name, text)
+
+
+def test_instruction_loss_counts_the_response_tokens_only(tmp_path):
+    tok = common.load_tokenizer("gpt2")
+    train_split, val_split = instructions.load_examples(_instructions_file(tmp_path), tok, 64, 1, True)
+    assert (len(train_split), len(val_split), train_split.format) == (9, 1, "alpaca")  # 90/10
+    row = 0
+    ids, n = train_split.ids[row], train_split.n_prompt[row]
+    prompt = tok.decode(ids[:n])
+    assert prompt.startswith(instructions.ALPACA_PREAMBLE + "\n\n### Instruction:\nName the color ")
+    assert prompt.endswith("\n\n### Response:\n") and ("### Input:" in prompt) == ("twice" in prompt)
+    assert tok.decode(ids[n:]).endswith(".<|endoftext|>")  # the output, then the end token
+
+    rows = torch.tensor([0, 3, 5, 8])
+    x, y = train_split.read(rows)
+    assert x.shape == y.shape == (4, max(len(train_split.ids[r]) for r in rows.tolist()) - 1)  # the longest
+    model = tiny_gpt2()
+    loss = train.loss_fn(model, x, y)
+    logits = model(x)
+    by_hand = []  # the cross-entropy of each response token (and end token), predicted one position before
+    for i, r in enumerate(rows.tolist()):
+        ids, n = train_split.ids[r], train_split.n_prompt[r]
+        by_hand += [-torch.log_softmax(logits[i, j - 1], -1)[ids[j]] for j in range(n, len(ids))]
+    assert torch.allclose(loss, torch.stack(by_hand).mean(), atol=1e-6)
+
+    # other prompt tokens: other inputs, the same positions counted
+    changed = instructions.Examples([(ids, n) for ids, n in zip(train_split.ids, train_split.n_prompt)],
+                                    True, tok.eot_id, "alpaca")
+    changed.ids = [[(t + 7) % 50000 if j < n else t for j, t in enumerate(ids)]
+                   for ids, n in zip(changed.ids, changed.n_prompt)]
+    x2, y2 = changed.read(rows)
+    assert not torch.equal(x2, x) and torch.equal(y2 != instructions.IGNORE, y != instructions.IGNORE)
+    assert torch.equal(y2[y2 != instructions.IGNORE], y[y != instructions.IGNORE])
+    # mask_prompt=false: every token but the padding counts, as in the book's main chapter
+    whole, _ = instructions.load_examples(_instructions_file(tmp_path), tok, 64, 1, False)
+    _, y3 = whole.read(rows)
+    assert (y3 != instructions.IGNORE).sum() == sum(len(whole.ids[r]) - 1 for r in rows.tolist())
+
+    # the split and the batches depend on the seed alone; an epoch visits every example once
+    again, _ = instructions.load_examples(_instructions_file(tmp_path), tok, 64, 1, True)
+    other, _ = instructions.load_examples(_instructions_file(tmp_path), tok, 64, 2, True)
+    assert again.ids == train_split.ids and other.ids != train_split.ids
+    cfg = train.TrainConfig(batch_size=3, seed=5)
+    epoch = torch.cat([train_split.draw(step, cfg) for step in range(3)])
+    assert sorted(epoch.tolist()) == list(range(9)) and not torch.equal(epoch, torch.cat(
+        [train_split.draw(step, cfg) for step in range(3, 6)]))
+
+
 # ===== 6. train.py: training runs, pretrained weights, resume, DDP and FSDP ============================
 # Short runs of the tiny preset in process: the loss falls, pretrained weights and checkpoints to start
 # from, resuming exactly; two processes under torchrun; a run killed while it checkpoints; bad input.
@@ -1264,6 +1325,37 @@ def test_dtype_is_autocast_and_weight_dtype_the_llama_weights(tmp_path, one_thre
     common.save_checkpoint(old, str(tmp_path / "old.pt"))
     model, loaded = sample.load_model(str(tmp_path / "old.pt"), "cpu")
     assert loaded["model_config"]["weight_dtype"] == "float32" and model.cfg.weight_dtype == "float32"
+
+
+# ---- instruction finetuning and LoRA
+
+_ANSWERS = {"Name a fruit.": "An apple.", "Name a color.": "Deep blue.", "Name a pet.": "A small cat."}
+
+
+def _answers(model, tokenizer, prompt_format):
+    """The model's greedy answer to each instruction of _ANSWERS, in its prompt format, up to the end token
+    (what sample.py chat=true shows for a model trained here)."""
+    answers = {}
+    for instruction in _ANSWERS:
+        ids = instructions.prompt_ids(tokenizer, prompt_format, instruction)
+        new = [int(t) for t in sample.generate(model, torch.tensor([ids]), 12, eot_id=tokenizer.eot_id)]
+        answers[instruction] = tokenizer.decode(new[:new.index(tokenizer.eot_id)] if tokenizer.eot_id in new else new)
+    return answers
+
+
+def test_tiny_gpt2_trained_on_instructions_answers_them(tmp_path, one_thread, capsys):
+    examples = [{"instruction": q, "input": "", "output": a} for q, a in _ANSWERS.items()] * 4
+    out = tmp_path / "out"
+    train.main(["config=tiny", "n_layers=1", "context_length=48", f"data={_instructions_file(tmp_path, examples)}",
+                f"out_dir={out}", "device=cpu", "dtype=float32", "max_iters=80", "batch_size=4", "lr=1e-2",
+                "eval_interval=80", "eval_iters=1", "dropout=0"])
+    printed = capsys.readouterr().out
+    assert "11 training examples and 1 to validate (0 of all cut to 49 tokens), alpaca prompts" in printed
+    ckpt = _read_ckpt(out)
+    assert ckpt["prompt_format"] == "alpaca" and ckpt["history"]["val"][-1] < 0.1
+    assert re.search(r"\n  response: (An apple|Deep blue|A small cat)\.\n", printed)  # the validation example
+    model, _ = sample.load_model(str(out), "cpu")
+    assert _answers(model.eval(), common.load_tokenizer("gpt2"), "alpaca") == _ANSWERS
 
 
 # ---- scale: DDP, FSDP, resume
