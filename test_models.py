@@ -1358,6 +1358,59 @@ def test_tiny_gpt2_trained_on_instructions_answers_them(tmp_path, one_thread, ca
     assert _answers(model.eval(), common.load_tokenizer("gpt2"), "alpaca") == _ANSWERS
 
 
+def test_tiny_llama_trained_on_chat_messages_answers_them(tmp_path, one_thread):
+    """A Llama folder whose tokenizer has a chat template: .jsonl messages are laid out by the template,
+    and the trained model answers each instruction given to the template as a user's message."""
+    folder = tmp_path / "hf-llama"
+    turns = [f"user: {q}</s>assistant: {a}</s>" for q, a in _ANSWERS.items()]
+    tokenizer = _llama_tokenizer(folder, " ".join(turns * 20))
+    tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}"
+                               "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(**{**_LLAMA_SMALL, "vocab_size": len(tokenizer)}, bos_token_id=1, eos_token_id=2,
+                         **_LLAMA_HF_CONFIGS["llama2-gqa"][2])
+    _llama_randomize(LlamaForCausalLM(config), seed=3).save_pretrained(folder)
+    chats = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+             for q, a in _ANSWERS.items()] * 4
+    out = tmp_path / "out"
+    train.main([f"init_from={folder}", f"data={_instructions_file(tmp_path, chats, 'chat.jsonl')}", f"out_dir={out}",
+                "device=cpu", "dtype=float32", "seq_len=32", "max_iters=60", "batch_size=4", "lr=1e-2",
+                "eval_interval=60", "eval_iters=1"])
+    model, ckpt = sample.load_model(str(out), "cpu")
+    assert ckpt["prompt_format"] == "chat_template"
+    tokenizer = common.load_tokenizer(ckpt["tokenizer"])
+    ids = instructions.prompt_ids(tokenizer, "chat_template", "Name a pet.")
+    assert tokenizer.hf.decode(ids).replace(" ", "") == "<s>user:Nameapet.</s>assistant:"  # the template's layout
+    assert _answers(model.eval(), tokenizer, "chat_template") == _ANSWERS
+
+
+def test_lora_changes_the_adapted_matrices_only_by_rank_r(tmp_path, one_thread):
+    data = _corpus_file(tmp_path)
+    train.main([*_TINY_RUN, f"data={data}", "max_iters=1", f"out_dir={tmp_path / 'base'}"])
+    same = [arg for arg in _TINY_RUN if not arg.startswith(("config=", "context_length="))]
+    train.main([*same, f"data={data}", "max_iters=4", "lr=1e-2", "lora_rank=2", "lora_alpha=8",
+                f"init_from={tmp_path / 'base'}", f"out_dir={tmp_path / 'lora'}"])
+    base, lora = _read_ckpt(tmp_path / "base")["model"], _read_ckpt(tmp_path / "lora")
+    assert lora["model"].keys() == base.keys()  # the ordinary state dict: merged
+    adapted = [name for name in base if name.removesuffix(".weight") + ".linear.weight" in lora["lora"]]
+    assert len(adapted) == 2 * 6  # wq, wk, wv, wo, up, down in each of the 2 blocks
+    for name, weight in base.items():
+        if name in adapted:
+            change = (lora["model"][name] - weight).double()
+            assert change.abs().max() > 1e-4 and torch.linalg.matrix_rank(change, rtol=1e-4) <= 2, name
+            assert torch.equal(lora["lora"][name.removesuffix("weight") + "linear.weight"], weight)
+        else:
+            assert torch.equal(lora["model"][name], weight), name  # frozen: bit for bit
+    assert set(lora["optimizer"]["state"]) == {k for k in lora["lora"] if k.endswith((".A", ".B"))}  # adapters only
+    # the merged model (what sample.py loads) against the model with its adapters, unmerged
+    merged, _ = sample.load_model(str(tmp_path / "lora"), "cpu")
+    unmerged, _ = sample.load_model(str(tmp_path / "base"), "cpu")
+    train.add_lora(unmerged, 2, 8.0)
+    unmerged.load_state_dict(lora["lora"], strict=False)
+    idx = torch.randint(0, 50257, (2, 32))
+    assert (merged.eval()(idx) - unmerged.eval()(idx)).abs().max() < 1e-5
+
+
 # ---- scale: DDP, FSDP, resume
 
 def _scale_torchrun(*args):
@@ -1399,16 +1452,34 @@ def test_scale_two_processes_match_one_process(_scale_one_process, mode):
     assert loaded.lm_head.weight is loaded.token_embedding.weight
 
 
+def test_scale_two_processes_with_lora_match_one_process(tmp_path):
+    data = _corpus_file(tmp_path)
+    args = [*_TINY_RUN, f"data={data}", "max_iters=3", "batch_size=4", "eval_interval=3", "lora_rank=2", "lr=1e-2"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train.main([*args, "grad_accum=2", f"out_dir={tmp_path / 'one'}"])
+    torch.set_num_threads(threads)
+    result = _scale_torchrun(*args, f"out_dir={tmp_path / 'two'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = _read_ckpt(tmp_path / "one"), _read_ckpt(tmp_path / "two")
+    for key in ("step_loss", "train", "val"):
+        assert max(abs(a - b) for a, b in zip(one["history"][key], two["history"][key])) < 1e-5
+    for name, weight in {**one["model"], **one["lora"]}.items():
+        assert (weight - {**two["model"], **two["lora"]}[name]).abs().max() < 1e-5, name
+
+
 class _ScaleStop(Exception):
     pass
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("mode", ["max_iters", "epochs"])
+@pytest.mark.parametrize("mode", ["max_iters", "epochs", "lora"])
 def test_scale_resume_is_exact(tmp_path, monkeypatch, mode):
     data = _corpus_file(tmp_path)
-    # dropout on, so the random state must be restored too; epochs: the stop falls inside an epoch
-    run = ["max_iters=8"] if mode == "max_iters" else ["epochs=3", "batch_size=2", "stride=1000"]
+    # dropout on, so the random state must be restored too; epochs: the stop falls inside an epoch; lora:
+    # the frozen weights, the adapters and their optimizer state
+    run = {"max_iters": ["max_iters=8"], "epochs": ["epochs=3", "batch_size=2", "stride=1000"],
+           "lora": ["max_iters=8", "lora_rank=2", "lr=1e-2"]}[mode]
     args = [*_TINY_RUN, f"data={data}", "dropout=0.1", "eval_interval=3", "ckpt_interval=4", *run]
     train.main([*args, f"out_dir={tmp_path / 'whole'}"])
     whole = _read_ckpt(tmp_path / "whole")
@@ -1431,10 +1502,11 @@ def test_scale_resume_is_exact(tmp_path, monkeypatch, mode):
 
     n_steps = len(whole["history"]["step_loss"])
     assert halves["step"] == whole["step"] == n_steps
-    assert n_steps == 8 if mode == "max_iters" else n_steps == 9  # epochs: 3 of 3 steps, stopped in the 2nd
+    assert n_steps == 9 if mode == "epochs" else n_steps == 8  # epochs: 3 of 3 steps, stopped in the 2nd
     assert halves["history"] == whole["history"]  # every loss, bit for bit
-    for name, weight in whole["model"].items():
-        assert torch.equal(weight, halves["model"][name]), name
+    for name, weight in {**whole["model"], **whole.get("lora", {})}.items():
+        assert torch.equal(weight, {**halves["model"], **halves.get("lora", {})}[name]), name
+    assert ("lora" in whole) == (mode == "lora")
     for name, state in whole["optimizer"]["state"].items():
         assert all(torch.equal(v, halves["optimizer"]["state"][name][k]) for k, v in state.items())
     log = [json.loads(line) for line in open(tmp_path / "halves" / "log.jsonl")]
@@ -1690,6 +1762,34 @@ _TRAIN_BAD_INPUT = [
      "launch with torchrun --nproc_per_node=N"),
     ("grad_accum-uneven", "call", lambda tmp: train.main(_on_corpus(tmp, "batch_size=4", "grad_accum=3")),
      "batch_size=4 does not split evenly .* grad_accum=3"),
+    # instruction data and LoRA
+    ("instructions-not-a-list", "call", lambda tmp: train.main(_on_story(tmp, data=write(tmp / "i.json", '{"a": 1}'))),
+     "i.json must hold a JSON list of objects with .instruction., .input. and .output."),
+    ("instructions-not-objects", "call", lambda tmp: train.main(_on_story(tmp, data=write(tmp / "i.json", "[1, 2]"))),
+     "must hold a JSON list of objects"),
+    ("instructions-not-json", "call", lambda tmp: train.main(_on_story(tmp, data=write(tmp / "i.json", "[{"))),
+     "i.json is not valid UTF-8 JSON"),
+    ("instructions-empty-list", "call", lambda tmp: train.main(_on_story(tmp, data=write(tmp / "i.json", "[]"))),
+     "i.json holds no examples: pass a file with at least two"),
+    ("instruction-without-output", "call", lambda tmp: train.main(_on_story(tmp, data=_instructions_file(
+        tmp, [{"instruction": "Name a fruit.", "output": "An apple."}, {"instruction": "Name a pet."}]))),
+     'example 1 of .* has no "output" text: every example needs an "instruction" and an "output"'),
+    ("instruction-missing", "call", lambda tmp: train.main(_on_story(tmp, data=_instructions_file(
+        tmp, [{"input": "x", "output": "y"}] * 3))), 'example 0 of .* has no "instruction" text'),
+    ("instructions-all-too-long", "call", lambda tmp: train.main(_on_story(tmp, "context_length=32", data=_instructions_file(
+        tmp, [{"instruction": "Name a fruit.", "output": "An apple. " * 20}] * 3))),
+     r"every example of .* is longer than the context of 33 tokens: raise seq_len= .*or use shorter examples"),
+    ("messages-without-chat-template", "call", lambda tmp: train.main(_on_story(tmp, data=_instructions_file(
+        tmp, [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}] * 3,
+        "chat.jsonl"))), "chat.jsonl holds chat messages, and this model's tokenizer has no chat template"),
+    ("messages-not-ending-with-the-answer", "call", lambda tmp: train.main(_on_story(tmp, data=_instructions_file(
+        tmp, [{"messages": [{"role": "user", "content": "Hi"}]}], "chat.jsonl"))),
+     "example 0 of .* needs .messages.: .* that ends with the assistant's answer"),
+    ("run-lora_rank-negative", "run", lambda tmp: ["lora_rank=-1"], r"^lora_rank=-1 must be 0 \(off\) or more, e\.g\. lora_rank=8"),
+    ("lora_alpha-0", "call", lambda tmp: train.main(["lora_rank=8", "lora_alpha=0"]), r"^lora_alpha=0\.0 must be above 0"),
+    ("resume-without-lora", "call", lambda tmp: [train.main(_on_corpus(tmp, "lora_rank=2")),
+                                                 train.main(_on_corpus(tmp, "init_from=resume"))],
+     "ckpt.pt was trained with lora_rank=2: resume with that lora_rank= and lora_alpha="),
     ("out_dir-under-a-file", "call", lambda tmp: train.main(
         ["config=tiny", f"data={write_story(tmp)}", f"out_dir={write(tmp / 'file', '')}/out"]),
      "cannot write to out_dir"),
