@@ -2,7 +2,7 @@
 
     python bench.py                                  # every section, 124M GPT-2, float32
     python bench.py decode prefill                   # some sections: machine decode prefill train
-                                                     #   load tokenize ddp
+                                                     #   load tokenize ddp finetune
     python bench.py --model llama3 config=toy        # Llama 3 (toy preset) against LlamaForCausalLM
     python bench.py decode compile=true              # settings: key=value; --help lists them
 
@@ -16,7 +16,8 @@ others are compared with: the memory bandwidth decoding can at best reach, and t
 
 It measures the scripts through their public functions: generate and compile_for_decoding from
 sample.py, load from load_hf.py, tokenize_corpus from data/prepare.py, the command line and the
-tokenizer from common.py; train.py is run as a user runs it (ddp section). transformers is
+tokenizer from common.py; train.py is run as a user runs it (ddp section), and its loss and LoRA are
+called directly (finetune section). transformers is
 imported only by the sections that compare with it.
 """
 import gc
@@ -38,9 +39,10 @@ import torch.nn.functional as F
 
 import common
 import gpt2
+import train
 from common import (MODELS, UserError, apply_overrides, import_model, load_tokenizer, model_config,
                     parse_args, pick_dtype, print_help)
-from data import prepare
+from data import instructions, prepare
 from sample import compile_for_decoding, generate
 
 
@@ -692,8 +694,72 @@ def bench_ddp(model_name):
         ["run", "cores", "tokens/s", "per core", "vs 1 process", "tokens per CPU-s", "vs 1 process"], rows))
 
 
+def bench_finetune(model_name):
+    """Finetuning: LoRA (rank 8) against full finetuning, instruction against pretraining batches.
+
+    Each row is train.py's step (the batch read by its split, train.loss_fn, backward, fused AdamW over
+    the parameters that train), on batches of the same shape: random windows of a token array, or
+    instruction examples of exactly the window's length (no padding), the first half of each a prompt
+    the loss skips. The peak memory counts the model, its first step and what the optimizer keeps.
+    """
+    b, t, steps, rank = SETTINGS.batch_size, SETTINGS.seq_len, SETTINGS.steps, 8
+    rows = [("full finetuning, pretraining batches", 0, "windows"),
+            ("full finetuning, instruction batches", 0, "examples"),
+            (f"LoRA rank {rank}, pretraining batches", rank, "windows")]
+    gen = torch.Generator().manual_seed(4)
+    steppers, memory, state_bytes, n_trained = {}, {}, {}, {}
+    for i, (name, lora_rank, kind) in enumerate([rows[0], *rows]):  # the first, once more: the allocator's warmup
+        progress("finetune", f"{name}, batch {b} x {t}, warmup step" + " (not counted)" * (i == 0))
+        with PeakMemory() as mem:
+            model = build_ours(model_name)
+            t = min(t, model.cfg.context_length)
+            ids = torch.randint(0, model.cfg.vocab_size, (b, t + 1), generator=gen)
+            if kind == "windows":
+                split = prepare.Windows(ids.flatten().numpy(), t, t + 1)
+            else:
+                split = instructions.Examples([(row, t // 2) for row in ids.tolist()], True, 0, "alpaca")
+            if lora_rank:
+                train.add_lora(model, lora_rank, 2 * lora_rank)
+            model.train()
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+            steppers[name] = finetune_step(model, optimizer, split, torch.arange(b) * (t + 1 if kind == "windows" else 1))
+            steppers[name]()
+        if i == 0:
+            del model, optimizer, steppers[name]
+            continue
+        memory[name] = mem.mib
+        state_bytes[name] = sum(v.nbytes for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+        n_trained[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        del model, optimizer
+    seconds = {name: float("inf") for name in steppers}
+    for i in range(steps):  # in turns, so that a busy moment of the machine hits them all
+        for name, step in steppers.items():
+            progress("finetune", f"{name}, timed step {i + 1} of {steps}")
+            seconds[name] = min(seconds[name], best_time(step, 1))
+    full = rows[0][0]
+    TABLES.append(lambda: table(
+        f"finetune: {model_name}, batch {b} x {t} tokens, float32, one step = batch + forward + backward + fused AdamW",
+        ["", "parameters trained", "optimizer state MiB", "vs full", "peak MiB", "vs full", "s per step",
+         "tokens/s", "vs full"],
+        [[name, f"{n_trained[name]:,}", f"{state_bytes[name] / 2**20:.1f}", f"{state_bytes[name] / state_bytes[full]:.1%}",
+          f"{memory[name]:.0f}", f"{memory[name] / memory[full]:.2f}x", f"{seconds[name]:.2f}",
+          f"{b * t / seconds[name]:.0f}", f"{seconds[full] / seconds[name]:.2f}x"] for name, _, _ in rows],
+        "tokens/s counts every input position (an instruction batch's prompt too), so that rows of the same shape "
+        "compare per token; vs full: the ratio to the first row (for speed, above 1 is faster)."))
+
+
+def finetune_step(model, optimizer, split, rows):
+    """One step of train.py on the batch rows of split, as a function."""
+    def step():
+        x, y = split.read(rows)
+        train.loss_fn(model, x, y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 SECTIONS = {"machine": bench_machine, "decode": bench_decode, "prefill": bench_prefill, "train": bench_train,
-            "load": bench_load, "tokenize": bench_tokenize, "ddp": bench_ddp}
+            "load": bench_load, "tokenize": bench_tokenize, "ddp": bench_ddp, "finetune": bench_finetune}
 
 
 def main(argv):

@@ -7,11 +7,13 @@ The sections follow the files under test in the order a reader meets them:
   2. common.py: the key=value command line, the GPT-2 tokenizer, checkpoint files;
   3. sample.py: generation and sampling, load_model;
   4. load_hf.py: GPT-2 and Llama weights from Hugging Face folders;
-  5. data/prepare.py: the token cache (a memmap) and the training windows;
-  6. train.py: training runs, starting from pretrained weights or a checkpoint, resuming, DDP and FSDP;
+  5. data/prepare.py: the token cache (a memmap) and the training windows; data/instructions.py: the
+     Alpaca prompt, the masked loss, the split;
+  6. train.py: training runs, starting from pretrained weights or a checkpoint, instruction finetuning and
+     LoRA, resuming, DDP and FSDP;
   7. end to end: the scripts in subprocesses, as a user runs them.
 
-It imports the three model files, common, sample, load_hf, train and data.prepare, and transformers
+It imports the three model files, common, sample, load_hf, train, data.prepare and data.instructions, and transformers
 for its GPT2LMHeadModel, LlamaForCausalLM and tokenizers to compare against. Nothing is downloaded:
 HF_HUB_OFFLINE is set before huggingface_hub is imported, the Hugging Face models and tokenizers are
 built here from small configs with random weights and saved with save_pretrained, and the GPT-2
@@ -1191,12 +1193,14 @@ def test_instruction_loss_counts_the_response_tokens_only(tmp_path):
     tok = common.load_tokenizer("gpt2")
     train_split, val_split = instructions.load_examples(_instructions_file(tmp_path), tok, 64, 1, True)
     assert (len(train_split), len(val_split), train_split.format) == (9, 1, "alpaca")  # 90/10
-    row = 0
-    ids, n = train_split.ids[row], train_split.n_prompt[row]
-    prompt = tok.decode(ids[:n])
-    assert prompt.startswith(instructions.ALPACA_PREAMBLE + "\n\n### Instruction:\nName the color ")
-    assert prompt.endswith("\n\n### Response:\n") and ("### Input:" in prompt) == ("twice" in prompt)
-    assert tok.decode(ids[n:]).endswith(".<|endoftext|>")  # the output, then the end token
+    prompts = [tok.decode(ids[:n]) for ids, n in zip(train_split.ids, train_split.n_prompt)]
+    for (ids, n), prompt in zip(zip(train_split.ids, train_split.n_prompt), prompts):
+        color = prompt.split("Name the color ")[1].split(".")[0]
+        with_input = _COLORS.index(color) % 2 == 1
+        assert prompt == instructions.alpaca_prompt(f"Name the color {color}.", "Say it twice." * with_input)
+        assert tok.decode(ids[n:]) == f"{color.title()}, {color}.<|endoftext|>"  # the output, then the end token
+    assert prompts[0].startswith(instructions.ALPACA_PREAMBLE + "\n\n### Instruction:\nName the color ")
+    assert sum("\n\n### Input:\nSay it twice.\n\n### Response:\n" in p for p in prompts) in (4, 5)
 
     rows = torch.tensor([0, 3, 5, 8])
     x, y = train_split.read(rows)

@@ -75,7 +75,7 @@ def prompt_ids(tokenizer, format, instruction, input=""):
 
 def read_examples(path):
     """The examples of a .json file (a list of objects with instruction, input and output) or of a .jsonl
-    file (one {"messages": [...]} per line), each as a list of chat messages, the answer last."""
+    file (one {"messages": [...]} per line, the answer last), checked: dicts of either kind."""
     if not os.path.isfile(path):
         raise UserError(f"data file {path} not found: pass data=path/to/instructions.json")
     try:
@@ -92,11 +92,11 @@ def read_examples(path):
                         f"\"output\", as the book's instruction-data.json does")
     if not records:
         raise UserError(f"{path} holds no examples: pass a file with at least two")
-    return [messages_of(r, i, path) for i, r in enumerate(records)]
+    return [checked(r, i, path) for i, r in enumerate(records)]
 
 
-def messages_of(record, i, path):
-    """Example i of the file as chat messages; a record with a missing or empty part stops the run."""
+def checked(record, i, path):
+    """Example i of the file, with its input ("" if none); a record with a missing or empty part stops the run."""
     if "messages" in record:
         messages = record["messages"]
         if (not isinstance(messages, list) or len(messages) < 2 or not all(
@@ -104,26 +104,27 @@ def messages_of(record, i, path):
                 for m in messages) or messages[-1]["role"] != "assistant"):
             raise UserError(f"example {i} of {path} needs \"messages\": a list of {{\"role\", \"content\"}} "
                             f"objects that ends with the assistant's answer")
-        return messages
+        return record
     for key in ("instruction", "output"):
         if not isinstance(record.get(key), str) or not record[key]:
             raise UserError(f"example {i} of {path} has no \"{key}\" text: every example needs an "
                             f"\"instruction\" and an \"output\" (\"input\" may be empty)")
-    return [*user_message(record["instruction"], record.get("input") or ""),
-            {"role": "assistant", "content": record["output"]}]
+    return {**record, "input": record.get("input") or ""}
 
 
 # ----------------------------------------------------------------------------- tokenizing
 
-def encode(tokenizer, format, messages):
+def encode(tokenizer, format, example):
     """(the example's token ids, how many of them are the prompt): the loss counts the rest."""
     if format == "chat_template":
+        messages = example.get("messages") or [*user_message(example["instruction"], example["input"]),
+                                               {"role": "assistant", "content": example["output"]}]
         prompt = chat_ids(tokenizer, messages[:-1], add_generation_prompt=True)
         ids = chat_ids(tokenizer, messages)
         n_prompt = next((i for i, (a, b) in enumerate(zip(prompt, ids)) if a != b), len(prompt))
         return ids, n_prompt
-    prompt = tokenizer.encode(alpaca_prompt(messages[0]["content"]))  # with a Llama's start token
-    response = tokenizer.encode_to_numpy(messages[1]["content"]).tolist()  # without one
+    prompt = tokenizer.encode(alpaca_prompt(example["instruction"], example["input"]))  # with a Llama's start token
+    response = tokenizer.encode_to_numpy(example["output"]).tolist()  # without one
     return prompt + response + [tokenizer.eot_id], len(prompt)
 
 
@@ -186,10 +187,10 @@ def load_examples(path, tokenizer, context_length, seed, mask_prompt):
     order drawn from the seed. An example longer than context_length + 1 tokens is cut."""
     records = read_examples(path)
     format = prompt_format(tokenizer)
-    if format == "alpaca" and path.endswith(".jsonl"):
+    if format == "alpaca" and any("messages" in example for example in records):
         raise UserError(f"{path} holds chat messages, and this model's tokenizer has no chat template: "
                         f"start from a model folder whose tokenizer has one, or use .json instructions")
-    encoded = [encode(tokenizer, format, messages) for messages in records]
+    encoded = [encode(tokenizer, format, example) for example in records]
     longer = [len(ids) > context_length + 1 for ids, _ in encoded]
     if all(longer):
         raise UserError(f"every example of {path} is longer than the context of {context_length + 1} tokens: "
