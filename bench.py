@@ -15,11 +15,12 @@ ratios within one run mean more than the absolute numbers. The `machine` section
 others are compared with: the memory bandwidth decoding can at best reach, and the matmul peak.
 
 It measures the scripts through their public functions: generate and compile_for_decoding from
-sample.py, load from load_hf.py, tokenize_corpus from data/prepare.py, the command line and the
+sample.py, load and export from load_hf.py, tokenize_corpus from data/prepare.py, the command line and the
 tokenizer from common.py; train.py is run as a user runs it (ddp section), and its loss and LoRA are
 called directly (finetune section). transformers is
 imported only by the sections that compare with it.
 """
+import dataclasses
 import gc
 import itertools
 import json
@@ -43,7 +44,7 @@ import train
 from common import (MODELS, UserError, apply_overrides, import_model, load_tokenizer, model_config,
                     parse_args, pick_dtype, print_help)
 from data import instructions, prepare
-from sample import compile_for_decoding, generate
+from sample import compile_for_decoding, generate, lay_out_for_decoding
 
 
 @dataclass
@@ -305,8 +306,11 @@ def bench_decode(model_name):
     """Decode tokens/s: batch 1 and num_samples, float32, greedy, against transformers' generate."""
     MACHINE.sample()
     p, n, k, repeats = SETTINGS.prompt_len, SETTINGS.new_tokens, SETTINGS.num_samples, SETTINGS.repeats
+    as_trained = build_ours(model_name).eval()  # nn.Linear's (out, in) layout, as training leaves it
+    hf = build_hf(as_trained).eval()
     ours = build_ours(model_name).eval()
-    hf = build_hf(ours).eval()
+    ours.load_state_dict(as_trained.state_dict())
+    ours = lay_out_for_decoding(ours)  # as sample.py does: (in, out) in memory
     per_step = weight_bytes(ours)
     assert per_step == weight_bytes(hf)
     gen = torch.Generator().manual_seed(1)
@@ -326,6 +330,7 @@ def bench_decode(model_name):
 
     # name: (batch size, run once -> token ids (b, n), transformers' row of that batch size)
     rows = {"transformers generate": (1, run_hf(1)), "ours, KV cache": (1, run_ours(ours, 1)),
+            "ours, KV cache, weights laid out (out, in)": (1, run_ours(as_trained, 1)),
             "ours, no cache": (1, run_ours(ours, 1, use_cache=False))}
     if SETTINGS.compile:
         rows["ours, KV cache, compile=true"] = (1, run_ours(compiled_copy(), 1))
@@ -515,8 +520,26 @@ def load_child(loader, folder):
     print(json.dumps(result))
 
 
+def in_fresh_processes(section, name, code):
+    """Run code (which prints one JSON line) in SETTINGS.repeats fresh interpreters: the median of each figure."""
+    runs = []
+    for i in range(SETTINGS.repeats):
+        progress(section, f"{name}, fresh process {i + 1} of {SETTINGS.repeats}")
+        child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                               cwd=os.path.dirname(os.path.abspath(__file__)))
+        runs.append(json.loads(child.stdout.splitlines()[-1]))
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def read_through(path):
+    with open(path, "rb") as f:
+        while f.read(1 << 24):  # into the page cache, so that no run pays for the disk
+            pass
+
+
 def bench_load(model_name):
-    """Loading the 124M GPT-2 from a save_pretrained folder, each run in a fresh interpreter.
+    """Loading the 124M GPT-2 from a save_pretrained folder, each run in a fresh interpreter; then
+    exporting it (bench_export).
 
     GPT-2 whatever --model says: the loader is the same code for every family.
     """
@@ -529,28 +552,76 @@ def bench_load(model_name):
         progress("load", "saving a 124M GPT2LMHeadModel with save_pretrained")
         GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
         weights_mib = 124_439_808 * 4 / 2**20
-        with open(os.path.join(folder, "model.safetensors"), "rb") as f:
-            while f.read(1 << 24):  # into the page cache, so that no run pays for the disk
-                pass
+        read_through(os.path.join(folder, "model.safetensors"))
         for name, loader in (("transformers GPT2LMHeadModel.from_pretrained", "transformers"),
                              ("ours, load_hf.load", "ours")):
-            runs = []
-            for i in range(SETTINGS.repeats):
-                progress("load", f"{name}, fresh process {i + 1} of {SETTINGS.repeats}")
-                code = f"import bench; bench.load_child({loader!r}, {folder!r})"
-                child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                                       cwd=os.path.dirname(os.path.abspath(__file__)))
-                runs.append(json.loads(child.stdout.splitlines()[-1]))
-            m = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+            m = in_fresh_processes("load", name, f"import bench; bench.load_child({loader!r}, {folder!r})")
             print(f"({name}: load {m['load_s']:.2f} s, {m['load_mib']:.0f} MiB)", flush=True)
             rows.append([name, f"{m['import_s']:.2f}", f"{m['load_s']:.2f}",
                          f"{m['load_mib']:.0f} MiB = {m['load_mib'] / weights_mib:.2f}x", f"{m['first_s']:.2f}",
                          f"{m['first_mib']:.0f} MiB = {m['first_mib'] / weights_mib:.2f}x"])
+        TABLES.append(lambda: table(
+            f"load: 124M GPT-2 from safetensors ({weights_mib:.0f} MiB of float32 weights), median of "
+            f"{SETTINGS.repeats} fresh processes, 1 thread; memory is peak resident memory above the process's "
+            f"after its imports", ["loader", "import s", "load s", "peak while loading",
+                                   "load + first forward s", "peak up to first forward"], rows))
+        bench_export(folder, weights_mib)
+
+
+def export_child(exporter, source, out_dir):
+    """In a fresh interpreter: write source as a Hugging Face folder out_dir; print what it cost.
+
+    ours: load_hf.export of a checkpoint of this project (ckpt.pt, memory-mapped); transformers: the same
+    weights from their Hugging Face folder, from_pretrained then save_pretrained. transformers is imported
+    first in both, so that memory counts from after the imports alike.
+    """
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast  # noqa: F401
+    from transformers.convert_slow_tokenizer import TikTokenConverter  # noqa: F401
+    if exporter == "ours":
+        import load_hf
+        export = lambda: load_hf.export(source, out_dir)
+    else:
+        export = lambda: GPT2LMHeadModel.from_pretrained(source).save_pretrained(out_dir)
+    result = {"import_s": time.perf_counter() - t0}
+    baseline, _ = resident_mib()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak (VmHWM) to the resident memory now
+    t0 = time.perf_counter()
+    export()
+    result |= {"export_s": time.perf_counter() - t0, "export_mib": resident_mib()[1] - baseline,
+               "file_mib": os.path.getsize(os.path.join(out_dir, "model.safetensors")) / 2**20}
+    print(json.dumps(result))
+
+
+def bench_export(hf_folder, weights_mib):
+    """Exporting the 124M GPT-2 (random weights) with load_hf.py to=hf, against transformers' own
+    round of from_pretrained and save_pretrained on a folder of the same size; each in fresh processes.
+    What matters is the peak memory against the weights: at most one copy beyond the checkpoint's."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        progress("load", "saving a 124M GPT-2 of ours (random weights) as a checkpoint")
+        torch.manual_seed(0)
+        model = gpt2.Transformer(gpt2.Config())
+        common.save_checkpoint({"model_name": "gpt2", "model_config": dataclasses.asdict(model.cfg),
+                                "tokenizer": "gpt2", "train_config": {}, "model": model.state_dict()},
+                               os.path.join(tmp, "ckpt.pt"))
+        del model
+        read_through(os.path.join(tmp, "ckpt.pt"))
+        for name, exporter, source in (("transformers from_pretrained + save_pretrained", "transformers", hf_folder),
+                                       ("ours, load_hf.py to=hf (load_hf.export)", "ours", tmp)):
+            out_dir = os.path.join(tmp, exporter + "-hf")
+            m = in_fresh_processes("load", name, f"import bench; bench.export_child({exporter!r}, {source!r}, "
+                                                 f"{out_dir!r})")
+            print(f"({name}: {m['export_s']:.2f} s, {m['export_mib']:.0f} MiB)", flush=True)
+            rows.append([name, f"{m['import_s']:.2f}", f"{m['export_s']:.2f}",
+                         f"{m['export_mib']:.0f} MiB = {m['export_mib'] / weights_mib:.2f}x", f"{m['file_mib']:.0f}"])
     TABLES.append(lambda: table(
-        f"load: 124M GPT-2 from safetensors ({weights_mib:.0f} MiB of float32 weights), median of "
-        f"{SETTINGS.repeats} fresh processes, 1 thread; memory is peak resident memory above the process's "
-        f"after its imports", ["loader", "import s", "load s", "peak while loading",
-                               "load + first forward s", "peak up to first forward"], rows))
+        f"export: 124M GPT-2 into a Hugging Face folder ({weights_mib:.0f} MiB of float32 weights), median of "
+        f"{SETTINGS.repeats} fresh processes, 1 thread; memory is peak resident memory above the process's after "
+        f"its imports (transformers' in both)", ["exporter", "import s", "export s", "peak while exporting",
+                                                 "model.safetensors MiB"], rows))
 
 
 def generated_text(path, megabytes, seed=0):

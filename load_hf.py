@@ -1,9 +1,10 @@
 """Load published weights from Hugging Face into our models, one tensor at a time: GPT-2 into gpt2.py,
-Llama 2, 3, 3.1 and 3.2 into llama2.py or llama3.py.
+Llama 2, 3, 3.1 and 3.2 into llama2.py or llama3.py; and export our checkpoints the other way (to=hf).
 
     python load_hf.py gpt2                       # downloaded once into the HF cache, written to out-gpt2/ckpt.pt
     python load_hf.py path/to/Llama-3.2-1B       # a folder: config.json, *.safetensors, tokenizer.json
     python load_hf.py path/to/folder out_dir=out-mine dtype=float32
+    python load_hf.py out to=hf                  # out/ckpt.pt as a Hugging Face folder, out-hf/
     python sample.py init_from=gpt2-medium       # sample.py and train.py also take a hub id or folder directly
     python train.py init_from=gpt2 seq_len=256   # continue training the pretrained weights
 
@@ -31,14 +32,22 @@ dtype or device makes copies, one tensor at a time. Loading never holds two copi
 The checkpoint written keeps the dtype the weights are stored in (GPT-2's float32, Llama 3's bfloat16)
 unless dtype= says otherwise.
 
+Exporting (to=hf) walks the same tables backwards (to_hf beside to_ours): our tensors, concatenated for
+c_attn and transposed for Conv1D, under the *ForCausalLM's names, a tied lm_head left out, into
+model.safetensors; config.json from transformers' GPT2Config or LlamaConfig (gpt2_hf_config and
+llama_hf_config read their config functions backwards), generation_config.json, and the tokenizer's
+files: a Llama's folder as it is, GPT-2's built from data/gpt2.tiktoken. The folder loads with
+AutoModelForCausalLM and AutoTokenizer, and with load() again, to the same tensors.
+
 This file imports the three model files and common.py (command line, tokenizers, checkpoint files);
 sample.py and train.py import it to take a hub id or folder as init_from=. huggingface_hub is imported
-only when something is downloaded.
+only when something is downloaded, transformers only when something is exported.
 """
 import dataclasses
 import json
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 
@@ -49,8 +58,8 @@ from safetensors import safe_open
 import gpt2
 import llama2
 import llama3
-from common import (UserError, apply_overrides, check_model_config, import_model, load_tokenizer, parse_args,
-                    pick_dtype, print_help, run, save_checkpoint)
+from common import (HERE, UserError, apply_overrides, check_model_config, import_model, is_checkpoint,
+                    load_tokenizer, parse_args, pick_dtype, print_help, read_checkpoint, run, save_checkpoint)
 
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # hub ids that have no owner/ part
 AS_IS, CONV1D = "as is", "Conv1D"  # how HF stores one of our tensors: unchanged, or transposed
@@ -87,6 +96,17 @@ def gpt2_config(hf, folder):
     if cfg.d_model % cfg.n_heads:
         raise UserError(f"{folder}/config.json: n_embd={cfg.d_model} is not a multiple of n_head={cfg.n_heads}")
     return "gpt2", "gpt2", cfg  # architecture file, tokenizer, config
+
+
+def gpt2_hf_config(cfg, **shared):
+    """transformers' GPT2Config for gpt2.py's Config: gpt2_config read backwards. shared: the keys every
+    family's config.json has (architectures, dtype, bos_token_id, eos_token_id)."""
+    from transformers import GPT2Config  # here, not at the top: importing transformers takes seconds
+    return GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.d_model, n_layer=cfg.n_layers,
+        n_head=cfg.n_heads, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+        activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=cfg.tie_weights,
+        **shared)
 
 
 def gpt2_tensors(cfg):
@@ -187,6 +207,21 @@ def llama_config(hf, folder):
     return arch.__name__, folder, arch.Config(**fields)  # architecture file, tokenizer (the folder's), config
 
 
+def llama_hf_config(cfg, **shared):
+    """transformers' LlamaConfig for llama2.py's or llama3.py's Config: llama_config read backwards
+    (transformers 5's rope_parameters; Llama 3.1's scaling when rope_factor is set). shared: as in
+    gpt2_hf_config."""
+    from transformers import LlamaConfig
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if getattr(cfg, "rope_factor", None) is not None:  # only llama3.py has the scaling
+        rope |= {"rope_type": "llama3", **{theirs: getattr(cfg, ours) for theirs, ours in LLAMA3_ROPE.items()}}
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=cfg.context_length, rms_norm_eps=cfg.norm_eps, rope_parameters=rope,
+        tie_word_embeddings=cfg.tie_weights, hidden_act="silu", attention_bias=False, mlp_bias=False, **shared)
+
+
 def llama_tensors(cfg):
     """Each tensor of an HF Llama checkpoint -> (how it is stored, the tensor of ours it holds).
 
@@ -215,10 +250,13 @@ def llama_tensors(cfg):
     return tensors
 
 
-# config.json's model_type -> (reads its config, lists its tensors, the prefix that the *ForCausalLM
-# class puts before the names listed: removed where present, since older GPT-2 files lack it)
-FAMILIES = {"gpt2": (gpt2_config, gpt2_tensors, "transformer."),
-            "llama": (llama_config, llama_tensors, "model.")}
+# config.json's model_type -> (reads its config, writes it, lists its tensors, the prefix that the
+# *ForCausalLM class puts before the names listed: removed where present, since older GPT-2 files lack
+# it), and the *ForCausalLM class that an export names in config.json's architectures
+FAMILIES = {"gpt2": (gpt2_config, gpt2_hf_config, gpt2_tensors, "transformer."),
+            "llama": (llama_config, llama_hf_config, llama_tensors, "model.")}
+HF_CLASS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+FAMILY = {"gpt2": "gpt2", "llama2": "llama", "llama3": "llama"}  # our architecture file -> its family
 
 
 # ----------------------------------------------------------------------------- finding the files
@@ -357,6 +395,16 @@ def to_ours(hf_name, tensor, layout, shapes, path):
     return tensor.split(rows)
 
 
+def to_hf(parts, layout, dtype=None):
+    """One HF tensor from ours (parts), to_ours backwards: one after another along the output dimension,
+    then transposed for Conv1D, contiguous as a safetensors file stores it. It is a copy only where the
+    layout changes (Conv1D, c_attn's three parts) or dtype does (None: keep it)."""
+    tensor = parts[0] if len(parts) == 1 else torch.cat(parts)  # (out, in)
+    if layout == CONV1D:
+        tensor = tensor.t()  # Conv1D's (in, out)
+    return tensor.to(dtype or tensor.dtype).contiguous()
+
+
 def skeleton(arch, cfg):
     """arch's model with its tensors on the meta device: shapes only, no memory.
 
@@ -380,7 +428,7 @@ def load(source, device="cpu", dtype=torch.float32, pass_folder="init_from=path/
     if hf.get("model_type") not in FAMILIES:
         raise UserError(f"{folder} holds a '{hf.get('model_type')}' model (config.json's model_type): "
                         f"load_hf.py reads {', '.join(FAMILIES)}")
-    read_config, list_tensors, prefix = FAMILIES[hf["model_type"]]
+    read_config, _, list_tensors, prefix = FAMILIES[hf["model_type"]]
     model_name, tokenizer, cfg = read_config(hf, folder)
     try:
         check_model_config(cfg)
@@ -412,11 +460,130 @@ def load(source, device="cpu", dtype=torch.float32, pass_folder="init_from=path/
                    "source": source}
 
 
+# ----------------------------------------------------------------------------- exporting (to=hf)
+
+def read_ours(source):
+    """A checkpoint of this project, to export: (model_name, its Config, its tensors, its tokenizer).
+    Its tensors stay memory-mapped (read_checkpoint); their shapes are checked against the Config's."""
+    if not is_checkpoint(source):
+        raise UserError(f"{source} is not a checkpoint of this project: to=hf exports a ckpt.pt written by "
+                        f"train.py or load_hf.py, or the out_dir holding one")
+    ckpt = read_checkpoint(source)
+    state, model_name = ckpt["model"], ckpt["model_name"]
+    if model_name not in FAMILY:
+        raise UserError(f"{source} holds a '{model_name}' model, which this version does not have: "
+                        f"export it with the version of this project that wrote it")
+    try:
+        arch = import_model(model_name)
+        cfg = arch.Config(**ckpt["model_config"])
+        wrong = [name for name, t in skeleton(arch, cfg).state_dict().items()
+                 if name not in state or state[name].shape != t.shape]
+    except Exception as e:  # a model_config this version does not know
+        raise UserError(f"{source} is not a checkpoint this project can export ({type(e).__name__}): "
+                        f"retrain it with python train.py") from None
+    if wrong:
+        raise UserError(f"{source} lacks {wrong[0]} or has it in another shape than its model_config makes "
+                        f"it: retrain it with python train.py")
+    return model_name, cfg, state, ckpt["tokenizer"]
+
+
+def our_tensor(state, name):
+    """Our tensor name from a checkpoint's state; a bias the model was built without (GPT-2 with
+    qkv_bias=False, as the book trains it) is zeros, which computes the same."""
+    if name not in state and name.endswith(".bias"):
+        weight = state[name.removesuffix("bias") + "weight"]
+        return torch.zeros(weight.shape[0], dtype=weight.dtype)
+    return state[name]
+
+
+def hf_tensors(model_name, cfg, state, dtype):
+    """The *ForCausalLM's tensors from our state: the table that load() reads, walked backwards. A tied
+    lm_head is left out, as save_pretrained leaves it: transformers ties it from tie_word_embeddings."""
+    _, _, list_tensors, prefix = FAMILIES[FAMILY[model_name]]
+    tensors = {}
+    for hf_name, (layout, *ours) in list_tensors(cfg).items():
+        name = hf_name if hf_name == "lm_head.weight" else prefix + hf_name
+        tensors[name] = to_hf([our_tensor(state, n) for n in ours], layout, dtype)
+    return tensors
+
+
+def hf_tokenizer(name, context_length):
+    """A checkpoint's tokenizer as a transformers tokenizer: a Llama's folder as it is, or GPT-2's,
+    built from data/gpt2.tiktoken (no download): transformers turns tiktoken's ranks into a byte-level
+    BPE's vocabulary and merges; the text is split before them by GPT-2's own pattern, as GPT-2's
+    tokenizer.json does it; <|endoftext|> is its start, end and unknown token."""
+    if name != "gpt2":
+        return load_tokenizer(name).hf
+    from tokenizers import pre_tokenizers
+    from transformers import GPT2TokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    end = "<|endoftext|>"
+    bpe = TikTokenConverter(os.path.join(HERE, "data", "gpt2.tiktoken"), extra_special_tokens=[end]).converted()
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # GPT-2's pattern is built in
+    return GPT2TokenizerFast(tokenizer_object=bpe, bos_token=end, eos_token=end, unk_token=end,
+                             model_max_length=context_length)
+
+
+def add_older_keys(path):
+    """config.json as transformers 4.x, and the tools that read its layout, read it too: rope_theta and
+    rope_scaling beside transformers 5's rope_parameters (a Llama 3.1 RoPE read as plain RoPE would be
+    wrong without a word), torch_dtype beside dtype. transformers 5 reads both."""
+    hf = read_json(path)
+    rope = hf.get("rope_parameters")
+    if rope:
+        scaling = {key: value for key, value in rope.items() if key != "rope_theta"}
+        hf |= {"rope_theta": rope["rope_theta"], "rope_scaling": None if rope["rope_type"] == "default" else scaling}
+    hf["torch_dtype"] = hf["dtype"]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(hf, f, indent=2, sort_keys=True)
+
+
+def export(source, out_dir, dtype=None):
+    """Write the checkpoint source into out_dir as a Hugging Face folder: config.json, model.safetensors,
+    generation_config.json and the tokenizer's files. dtype=None keeps the stored dtype. Returns
+    (the *ForCausalLM class, its parameter count, the dtype).
+
+    Memory: the checkpoint is memory-mapped and its tensors written where they lie; only Conv1D's
+    transposes, c_attn's concatenation and a change of dtype are copies, held until the file is written:
+    at most one copy of the weights beside the checkpoint's. The tokenizer goes first, and is dropped
+    before the weights are read.
+    """
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+    model_name, cfg, state, tokenizer_name = read_ours(source)
+    tokenizer = hf_tokenizer(tokenizer_name, cfg.context_length)  # first: a Llama's may be missing
+    family, ids = FAMILY[model_name], dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    weight_dtype = str(dtype or state["token_embedding.weight"].dtype).removeprefix("torch.")
+    config = FAMILIES[family][1](cfg, architectures=[HF_CLASS[family]], dtype=weight_dtype, **ids)
+    generation = os.path.join(tokenizer_name, "generation_config.json")  # a Llama folder's end tokens
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        config.save_pretrained(out_dir)
+        add_older_keys(os.path.join(out_dir, "config.json"))
+        if tokenizer_name != "gpt2" and os.path.isfile(generation):
+            shutil.copy(generation, out_dir)
+        else:
+            GenerationConfig(**ids).save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        del tokenizer  # GPT-2's, converted, takes some 85 MiB
+        tensors = hf_tensors(model_name, cfg, state, dtype)
+        n_params = sum(t.numel() for t in tensors.values())
+        weights = os.path.join(out_dir, "model.safetensors")
+        save_file(tensors, weights + ".tmp", metadata={"format": "pt"})  # as save_pretrained marks it
+        os.replace(weights + ".tmp", weights)  # never a half-written model.safetensors
+    except OSError as e:
+        raise UserError(f"cannot write {out_dir} ({e.strerror}): pass another out_dir=") from None
+    return HF_CLASS[family], n_params, weight_dtype
+
+
 # ----------------------------------------------------------------------------- command line
 
 @dataclass
 class ConvertConfig:
-    out_dir: str = ""            # where ckpt.pt goes; "" = out-<name>, e.g. out-gpt2
+    to: str = "ours"             # ours = Hugging Face weights into a checkpoint of this project;
+                                 #   hf = a checkpoint of this project into a Hugging Face folder
+    out_dir: str = ""            # where it goes; "" = out-<name> (e.g. out-gpt2), or with to=hf the
+                                 #   checkpoint's folder and -hf (out -> out-hf)
     dtype: str = "checkpoint"    # checkpoint = as stored (GPT-2: float32, Llama: bfloat16), or float32, ...
 
 
@@ -430,15 +597,22 @@ def main(argv):
         print_help(__doc__, [("keys", cfg)])
         if not want_help:
             raise UserError("say what to load: python load_hf.py gpt2 (or gpt2-medium, ..., or a folder such "
-                            "as a Llama's)")
+                            "as a Llama's), or what to export: python load_hf.py out to=hf")
         return
     if len(sources) > 1:
         raise UserError(f"one source at a time, not {' and '.join(sources)}")
+    if cfg.to not in ("ours", "hf"):
+        raise UserError(f"to={cfg.to}: use to=ours (Hugging Face weights into a checkpoint of this project, "
+                        f"the default) or to=hf (a checkpoint of this project into a Hugging Face folder)")
     dtype = pick_dtype(cfg.dtype, None)  # checkpoint = as stored (None)
-    source = sources[0]
+    (to_hf_folder if cfg.to == "hf" else to_checkpoint)(sources[0], cfg.out_dir, dtype)
+
+
+def to_checkpoint(source, out_dir, dtype):
+    """python load_hf.py SOURCE: Hugging Face weights into out_dir/ckpt.pt."""
     model, ckpt = load(source, "cpu", dtype, pass_folder="python load_hf.py path/to/folder")
     tokenizer = load_tokenizer(ckpt["tokenizer"])  # a Llama's own must be there: sample.py will need it
-    out_dir = cfg.out_dir or "out-" + os.path.basename(os.path.normpath(source))
+    out_dir = out_dir or "out-" + os.path.basename(os.path.normpath(source))
     path = os.path.join(out_dir, "ckpt.pt")
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -450,6 +624,20 @@ def main(argv):
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     print(f"{source}: {n_params:,} parameters ({ckpt['model_name']}, {dtype}), saved as {path}")
     print(f"try: python sample.py init_from={out_dir}")
+
+
+def to_hf_folder(source, out_dir, dtype):
+    """python load_hf.py SOURCE to=hf: a checkpoint of this project into the Hugging Face folder out_dir,
+    then what to do with it."""
+    folder = source if os.path.isdir(source) else os.path.dirname(source) or "."
+    out_dir = out_dir or os.path.abspath(folder) + "-hf"
+    hf_class, n_params, dtype = export(source, out_dir, dtype)
+    print(f"{source}: {n_params:,} parameters ({hf_class}, {dtype}), written to {out_dir}: "
+          f"{', '.join(sorted(os.listdir(out_dir)))}")
+    print(f"try: python sample.py init_from={out_dir}\n"
+          f"  or in Python: AutoModelForCausalLM.from_pretrained({out_dir!r}) and AutoTokenizer.from_pretrained(...)\n"
+          f"  share it on the Hugging Face hub: hf upload your-name/your-model {out_dir}\n"
+          f"  llama.cpp (GGUF): python convert_hf_to_gguf.py {out_dir} --outfile model.gguf")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@
     python sample.py --help                              # every key, with its type and default
 
 This file holds generation: sample_next picks a token, generate extends a batch step by step with the
-KV cache, complete turns a prompt into text (train.py prints one at each evaluation), and load_model
-rebuilds a model from a checkpoint of train.py or, through load_hf.py, from Hugging Face weights. It
+KV cache, complete turns a prompt into text (train.py prints one at each evaluation), load_model
+rebuilds a model from a checkpoint of train.py or, through load_hf.py, from Hugging Face weights, and
+lay_out_for_decoding and compile_for_decoding make generating on a CPU faster. It
 imports common.py (command line, tokenizers, checkpoint files) and load_hf.py, and nothing of
 training: it starts without torch.distributed.
 """
@@ -148,6 +149,30 @@ def compile_for_decoding(model):
         "max_autotune": True, "max_autotune_report_choices_stats": False})
 
 
+def lay_out_for_decoding(model):
+    """Store each linear layer's weight (in, out) in memory, on a CPU: the same (out, in) tensor to
+    nn.Linear and the same products, read faster.
+
+    Generating one token multiplies a vector by every weight matrix, and on a CPU that product (x @ W.T)
+    streams W faster when W.T's rows are contiguous, that is when W is stored as (in, out), the way
+    Hugging Face's GPT-2 stores its Conv1D weights (README: Speed). Each weight becomes a transposed
+    view of a transposed copy, one matrix at a time, so memory grows by one matrix at most; a tied
+    head and embedding stay one tensor. Only for generating: training keeps the usual layout.
+    """
+    if next(model.parameters()).device.type != "cpu":
+        return model  # GPU matrix kernels read either layout as fast
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    relaid = {}
+    for module in model.modules():
+        for name, weight in list(module.named_parameters(recurse=False)):
+            if id(weight) in linear:
+                if id(weight) not in relaid:
+                    relaid[id(weight)] = torch.nn.Parameter(weight.detach().t().contiguous().t(),
+                                                            requires_grad=weight.requires_grad)
+                setattr(module, name, relaid[id(weight)])  # the old matrix goes when its last name does
+    return model
+
+
 class Printer:
     """Streams one sample to the terminal, holding back bytes that don't yet make a whole character.
     New tokens are decoded after the prompt's: alone, a SentencePiece tokenizer's (Llama 2's) would
@@ -187,7 +212,7 @@ def main(argv):
                         f" or None for no limit")
     if dtype is not None:
         model = model.to(dtype)
-    model.eval()
+    model = lay_out_for_decoding(model.eval())
 
     ids = tokenizer.encode(cfg.prompt) or [tokenizer.eot_id]  # an empty prompt starts a new text
     ctx = model.cfg.context_length

@@ -6,7 +6,7 @@ The sections follow the files under test in the order a reader meets them:
      and the fast paths beside the readable one (flash attention, last_only, torch.compile);
   2. common.py: the key=value command line, the GPT-2 tokenizer, checkpoint files;
   3. sample.py: generation and sampling, load_model;
-  4. load_hf.py: GPT-2 and Llama weights from Hugging Face folders;
+  4. load_hf.py: GPT-2 and Llama weights from Hugging Face folders, and our checkpoints exported to them;
   5. data/prepare.py: the token cache (a memmap) and the training windows; data/instructions.py: the
      Alpaca prompt, the masked loss, the split;
   6. train.py: training runs, starting from pretrained weights or a checkpoint, instruction finetuning and
@@ -460,6 +460,30 @@ def test_fast_compiled_decoding_matches_eager(name):
     assert torch._inductor.config.freezing is False
 
 
+@pytest.mark.parametrize("name, tied", [("gpt2", True), ("llama3-gqa", False)])
+@pytest.mark.usefixtures("one_thread")
+def test_fast_decoding_layout_changes_memory_not_results(name, tied):
+    """sample.lay_out_for_decoding stores every linear weight (in, out) in memory: the same tensors to
+    nn.Linear, the same logits and ids, no second copy, a tied head still tied."""
+    model = _fast_model(name)
+    assert model.cfg.tie_weights == tied
+    idx = _fast_ids(3, 10)
+    with torch.no_grad():
+        expected_logits, expected_ids = model(idx), _fast_greedy(model, idx[:, :4], 20)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    relaid = sample.lay_out_for_decoding(model)
+    linears = [m for m in relaid.modules() if isinstance(m, torch.nn.Linear)]
+    for m in linears:
+        assert m.weight.shape == (m.out_features, m.in_features) and m.weight.stride() == (1, m.out_features)
+    assert all(torch.equal(v, relaid.state_dict()[k]) for k, v in state.items())
+    assert (relaid.lm_head.weight is relaid.token_embedding.weight) == tied
+    storages = {p.untyped_storage().data_ptr() for p in relaid.parameters()}
+    assert len(storages) == len(list(relaid.parameters()))  # one storage a tensor: nothing kept twice
+    with torch.no_grad():
+        assert (relaid(idx) - expected_logits).abs().max() < 1e-5
+        assert torch.equal(_fast_greedy(relaid, idx[:, :4], 20), expected_ids)
+
+
 # ===== 2. common.py: the command line, the tokenizer, checkpoint files =================================
 # What every script shares: key=value parsing into the fields' types and its one-line errors,
 # --help, GPT-2's tokenizer offline, and checkpoint files written atomically.
@@ -712,7 +736,8 @@ def test_an_empty_prompt_does_not_print_the_end_token(tmp_path, capsys):
 
 # ===== 4. load_hf.py: GPT-2 and Llama from Hugging Face ================================================
 # Hugging Face folders read into our models: the same logits and greedy tokens as transformers, the
-# real models' configs, older file layouts, shards, bfloat16, and what load_hf.py refuses.
+# real models' configs, older file layouts, shards, bfloat16; our checkpoints exported the other way;
+# and what load_hf.py refuses.
 
 
 # ---- GPT-2
@@ -963,6 +988,114 @@ def test_llama_older_config_layout_and_shards(tmp_path):
         load_hf.load(str(tmp_path / "sharded"))
 
 
+# ---- export: load_hf.py to=hf
+# Checkpoints of this project, built here with random weights and saved as train.py saves them, written
+# out as Hugging Face folders: transformers' AutoModelForCausalLM and AutoTokenizer read them back to our
+# logits and ids, load_hf.py to our tensors bit for bit, and sample.py to the same text.
+
+_EXPORT_CASES = {
+    # name: (our module, Config, tokenizer: GPT-2's, or a small one trained here as a Llama's folder,
+    # sequence length; longer than rope_original_context where the Llama 3.1 scaling is on)
+    "gpt2-book": (gpt2, dict(gpt2.PRESETS["tiny"], qkv_bias=False, tie_weights=False, dropout=0.1), "gpt2", 24),
+    "gpt2-tied": (gpt2, gpt2.PRESETS["tiny"], "gpt2", 24),
+    "llama2-gqa": (llama2, dict(_LLAMA_TEST, n_heads=8, n_kv_heads=2, rope_theta=20000.0), "trained", 24),
+    "llama3-gqa-gpt2-tokenizer": (llama3, dict(_LLAMA_TEST, n_kv_heads=2), "gpt2", 24),  # train.py --model llama3
+    "llama3.1-scaled-tied": (llama3, dict(_LLAMA_TEST, n_kv_heads=1, rope_factor=8.0, rope_original_context=32,
+                                          tie_weights=True, norm_eps=1e-6), "trained", 48),
+}
+
+
+_EXPORT_CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+
+
+def _export_checkpoint(tmp, name):
+    """A checkpoint of _EXPORT_CASES[name] with random weights in out_dir tmp/run, as train.py writes it
+    (a Llama's tokenizer folder beside ckpt.pt): (out_dir, the model, its tokenizer)."""
+    module, config, tokenizer_kind, _ = _EXPORT_CASES[name]
+    out = tmp / "run"
+    if tokenizer_kind == "gpt2":
+        os.makedirs(out)
+        tokenizer, recorded = common.Tokenizer(), "gpt2"
+    else:  # with a chat template and a list of end tokens, as an instruct model's folder has them
+        hf = _llama_tokenizer(out / "tokenizer", open(write_story(tmp)).read())
+        hf.chat_template = _EXPORT_CHAT_TEMPLATE
+        hf.save_pretrained(out / "tokenizer")
+        write(out / "tokenizer" / "generation_config.json", json.dumps({"bos_token_id": 1, "eos_token_id": [2, 0]}))
+        tokenizer, recorded = common.load_tokenizer(str(out / "tokenizer")), "tokenizer"
+    cfg = module.Config(**{**config, "vocab_size": tokenizer.vocab_size})
+    torch.manual_seed(0)
+    model = _llama_randomize(module.Transformer(cfg), seed=3).eval()
+    common.save_checkpoint({"model_name": module.__name__, "model_config": dataclasses.asdict(cfg),
+                            "train_config": {}, "tokenizer": recorded, "step": 1, "model": model.state_dict()},
+                           str(out / "ckpt.pt"))
+    return out, model, tokenizer
+
+
+@pytest.mark.parametrize("name", list(_EXPORT_CASES))
+def test_export_gives_transformers_our_logits_ids_and_text(name, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    module, _, _, seq_len = _EXPORT_CASES[name]
+    out, model, tokenizer = _export_checkpoint(tmp_path, name)
+    folder = str(tmp_path / "hf")
+    load_hf.main([str(out), "to=hf", f"out_dir={folder}"])
+    files = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    assert f"written to {folder}: {', '.join(sorted(os.listdir(folder)))}" in capsys.readouterr().out
+    assert files <= set(os.listdir(folder))  # and chat_template.jinja, where the tokenizer has a template
+    theirs = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    assert type(theirs).__name__ == ("GPT2LMHeadModel" if module is gpt2 else "LlamaForCausalLM")
+    assert theirs.num_parameters() == module.count_parameters(model) + (6 * 64 if name == "gpt2-book" else 0)
+    idx = torch.randint(0, model.cfg.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (model(idx) - theirs(idx).logits).abs().max().item()
+    assert diff < 1e-4, diff  # measured: 1.9e-6 for GPT-2, 1.6e-6 for Llama 2, 0 for Llama 3
+    text = "The painter looked at the sea; every effort moves you."
+    exported = AutoTokenizer.from_pretrained(folder)
+    assert exported(text)["input_ids"] == tokenizer.encode(text)
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    if isinstance(tokenizer, common.Tokenizer):
+        assert generation["eos_token_id"] == generation["bos_token_id"] == 50256
+    else:  # the folder's own, copied
+        assert generation["eos_token_id"] == [2, 0] and exported.chat_template == _EXPORT_CHAT_TEMPLATE
+
+    back, ckpt = load_hf.load(folder, dtype=None)  # bit for bit: every tensor, and the config
+    ours, read = model.state_dict(), back.state_dict()
+    assert ckpt["model_name"] == module.__name__ and set(ours) <= set(read)
+    for key, tensor in read.items():  # a GPT-2 without qkv bias comes back with zero biases: the same network
+        assert torch.equal(tensor, ours.get(key, torch.zeros_like(tensor))), key
+    assert ckpt["model_config"] == {**dataclasses.asdict(model.cfg), **({"qkv_bias": True} if module is gpt2 else {})}
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())  # transformers 5's layout and 4.x's
+    older = {key: value for key, value in hf.items() if key not in ("rope_parameters", "dtype")}
+    read_config = load_hf.gpt2_config if module is gpt2 else load_hf.llama_config
+    assert read_config(older, folder) == read_config(hf, folder) and "torch_dtype" in older
+
+    args = ["prompt=The painter", "temperature=0", "max_new_tokens=12", "top_k=None"]
+    capsys.readouterr()
+    sample.main([f"init_from={out}", *args])
+    on_checkpoint = capsys.readouterr().out
+    sample.main([f"init_from={folder}", *args])
+    assert capsys.readouterr().out == on_checkpoint and on_checkpoint.startswith("The painter")
+
+
+def test_export_gpt2_tokenizer_gives_tiktoken_ids(tmp_path):
+    """GPT-2's tokenizer, built from data/gpt2.tiktoken as Hugging Face files: AutoTokenizer gives
+    tiktoken's ids, and decodes them back, on The Verdict (when data/ holds it) and on tricky text."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+    load_hf.hf_tokenizer("gpt2", 1024).save_pretrained(tmp_path)
+    theirs, ours = AutoTokenizer.from_pretrained(str(tmp_path)), common.Tokenizer()
+    assert theirs.bos_token_id == theirs.eos_token_id == 50256 and len(theirs) == 50257
+    plain = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))  # as other libraries read the file
+    texts = [open(write_story(tmp_path)).read(), "  two spaces,\ttabs\n\n\nand lines \r\n ",
+             "naïve café, 日本語, 🤖🤖",
+             "It's 12345678 o'clock: WE'LL've <|endoftext|>The next text", "<|endoftext|>", " ", "'s'S  \u00a0x"]
+    verdict = os.path.join(HERE, "data", "the-verdict.txt")
+    texts += [open(verdict, encoding="utf-8").read()] if os.path.isfile(verdict) else []
+    for text in texts:
+        ids = ours.encode(text)
+        assert theirs(text)["input_ids"] == plain.encode(text).ids == ids, text[:40]
+        assert theirs.decode(ids) == plain.decode(ids, skip_special_tokens=False) == text
+
+
 # ---- bad input (the table's columns: see bad_input_table at the top)
 
 def _hf_broken(folder, config=None, drop=None, reshape=None):
@@ -1023,6 +1156,24 @@ def _convert_without_tokenizer(tmp):
         assert not os.path.exists(tmp / "out")
 
 
+def _export_with(tmp, **config):
+    """The out_dir of a small GPT-2 checkpoint, with its model_config changed as given."""
+    out, _, _ = _export_checkpoint(tmp, "gpt2-tied")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    common.save_checkpoint({**ckpt, "model_config": {**ckpt["model_config"], **config}}, str(out / "ckpt.pt"))
+    return str(out)
+
+
+def _export_without_tokenizer(tmp):
+    """load_hf.py to=hf on a Llama checkpoint whose tokenizer folder is gone: it says so before it writes."""
+    out, _, _ = _export_checkpoint(tmp, "llama2-gqa")
+    shutil.rmtree(out / "tokenizer")
+    try:
+        load_hf.main([str(out), "to=hf", f"out_dir={tmp / 'hf'}"])
+    finally:
+        assert not os.path.exists(tmp / "hf")
+
+
 _SAFETENSORS_CUT_SHORT = b"\x10\x00\x00\x00\x00\x00\x00\x00{not json"
 
 _LOAD_HF_BAD_INPUT = [
@@ -1077,6 +1228,20 @@ _LOAD_HF_BAD_INPUT = [
     ("llama-convert-without-tokenizer", "call", _convert_without_tokenizer,
      "{tmp}/tied has no tokenizer.json: copy the model's tokenizer files"),
     ("run-offline-hub", "run-hub", lambda tmp: ["gpt2"], _OFFLINE_GPT2_LOAD_HF),
+    # to=hf: a checkpoint of this project into a Hugging Face folder
+    ("export-to-neither", "run", lambda tmp: ["out", "to=onnx"],
+     "^to=onnx: use to=ours .* or to=hf \\(a checkpoint of this project into a Hugging Face folder\\)$"),
+    ("export-hf-folder", "call", lambda tmp: load_hf.main([_hf_save(tmp / "hf", **_HF_SMALL)[1], "to=hf"]),
+     "{tmp}/hf is not a checkpoint of this project: to=hf exports a ckpt.pt written by train.py or load_hf.py"),
+    ("export-corrupt", "call", lambda tmp: load_hf.main([_corrupt_checkpoint(tmp), "to=hf"]),
+     "is not a checkpoint this project can load"),
+    ("export-wrong-shape", "call", lambda tmp: load_hf.main([_export_with(tmp, d_model=32), "to=hf"]),
+     "lacks token_embedding.weight or has it in another shape than its model_config makes it"),
+    ("export-out_dir-not-writable", "call",
+     lambda tmp: load_hf.main([_export_with(tmp), "to=hf", f"out_dir={write(tmp / 'a-file', 'x')}/hf"]),
+     "cannot write {tmp}/a-file/hf \\(Not a directory\\): pass another out_dir="),
+    ("export-without-tokenizer", "call", _export_without_tokenizer,
+     "{tmp}/run/tokenizer has no tokenizer.json: copy the model's tokenizer files"),
     ("gpt2-no-layers", "call", lambda tmp: _gpt2_load(tmp, config={"n_layer": 0}),
      r"{tmp}/gpt2/config.json makes a model that cannot be built \(n_layers=0 must be a whole number of at least 1\)"),
 ]
@@ -1818,7 +1983,8 @@ def test_train_under_torchrun_says_bad_input_once(tmp_path):
 
 
 # ===== 7. End to end: the scripts in subprocesses, as a user runs them =================================
-# train.py then sample.py; load_hf.py then sample.py; a Llama folder with its own tokenizer.
+# train.py then sample.py; load_hf.py then sample.py; train.py, load_hf.py to=hf, then sample.py; a Llama
+# folder with its own tokenizer.
 
 def test_train_then_sample_end_to_end(tmp_path, story):
     out = tmp_path / "out"
@@ -1862,6 +2028,38 @@ def test_hf_convert_then_sample_in_subprocesses(tmp_path, capsys):
     sample.main([f"init_from={folder}", *args])  # the Hugging Face folder directly: the same text
     assert capsys.readouterr().out == converted.stdout and converted.stdout.startswith("The painter")
     # and with a hub id, offline: the rows run-offline-hub of sample.py's and train.py's bad-input tables
+
+
+def test_train_llama3_then_export_then_sample(tmp_path, story, capsys):
+    """train.py --model llama3 (scaled RoPE, grouped-query, tied), then load_hf.py out to=hf: sample.py,
+    run as a user runs it, prints on the exported folder what it prints on the checkpoint."""
+    out = tmp_path / "out"
+    train.main(["--model", "llama3", "d_model=64", "n_layers=2", "n_heads=4", "n_kv_heads=2", "d_ff=128",
+                "context_length=32", "rope_factor=8", "rope_original_context=16", "tie_weights=true", "max_iters=2",
+                "eval_interval=2", "eval_iters=1", "dtype=float32", "device=cpu", f"data={story}", f"out_dir={out}"])
+    capsys.readouterr()
+    load_hf.main([str(out), "to=hf"])  # out_dir: out-hf beside out
+    folder, printed = tmp_path / "out-hf", capsys.readouterr().out
+    assert f"(LlamaForCausalLM, float32), written to {folder}: config.json" in printed
+    assert f"python sample.py init_from={folder}" in printed
+    config = json.loads((folder / "config.json").read_text())
+    assert config["rope_parameters"] == {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 16}
+    assert config["num_key_value_heads"] == 2 and config["tie_word_embeddings"] is True
+    load_hf.main([str(out), "to=hf", f"out_dir={tmp_path / 'bf16'}", "dtype=bfloat16"])  # smaller, to share
+    exported, ckpt = load_hf.load(str(tmp_path / "bf16"), dtype=None)
+    model, _ = load_hf.load(str(folder), dtype=None)
+    assert ckpt["model_config"] == {**dataclasses.asdict(model.cfg), "weight_dtype": "bfloat16"}
+    assert all(torch.equal(tensor, model.state_dict()[key].to(torch.bfloat16))
+               for key, tensor in exported.state_dict().items())
+    capsys.readouterr()
+    args = ["prompt=The painter", "temperature=0", "max_new_tokens=40"]  # past the context of 32
+    sample.main([f"init_from={out}", *args])
+    on_checkpoint = capsys.readouterr().out
+    on_export = run_script("sample.py", f"init_from={folder}", *args, env=offline_env(tmp_path))
+    assert on_export.returncode == 0, on_export.stderr
+    assert on_export.stdout == on_checkpoint and on_checkpoint.startswith("The painter")
 
 
 def _llama_tokenizer(folder, text):
