@@ -788,7 +788,8 @@ def bench_finetune(model_name):
         if kind == "windows":
             split, batch = prepare.Windows(ids.flatten().numpy(), t, t + 1), torch.arange(b) * (t + 1)
         else:
-            split, batch = instructions.Examples([(row, t // 2) for row in ids.tolist()], True, 0, "alpaca"), torch.arange(b)
+            examples = [(row, t // 2) for row in ids.tolist()]  # the first half of each: the prompt
+            split, batch = instructions.Examples(examples, True, 0, "alpaca"), torch.arange(b)
         if lora_rank:
             train.add_lora(model, lora_rank, 2 * lora_rank)
         model.train()

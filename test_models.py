@@ -1533,8 +1533,9 @@ def test_tiny_llama_trained_on_chat_messages_answers_them(tmp_path, one_thread):
     folder = tmp_path / "hf-llama"
     turns = [f"user: {q}</s>assistant: {a}</s>" for q, a in _ANSWERS.items()]
     tokenizer = _llama_tokenizer(folder, " ".join(turns * 20))
-    tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}"
-                               "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}"
+                               "{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
     tokenizer.save_pretrained(folder)
     config = LlamaConfig(**{**_LLAMA_SMALL, "vocab_size": len(tokenizer)}, bos_token_id=1, eos_token_id=2,
                          **_LLAMA_HF_CONFIGS["llama2-gqa"][2])
@@ -1945,8 +1946,9 @@ _TRAIN_BAD_INPUT = [
      'example 1 of .* has no "output" text: every example needs an "instruction" and an "output"'),
     ("instruction-missing", "call", lambda tmp: train.main(_on_story(tmp, data=_instructions_file(
         tmp, [{"input": "x", "output": "y"}] * 3))), 'example 0 of .* has no "instruction" text'),
-    ("instructions-all-too-long", "call", lambda tmp: train.main(_on_story(tmp, "context_length=32", data=_instructions_file(
-        tmp, [{"instruction": "Name a fruit.", "output": "An apple. " * 20}] * 3))),
+    ("instructions-all-too-long", "call", lambda tmp: train.main(_on_story(
+        tmp, "context_length=32", data=_instructions_file(tmp, [{"instruction": "Name a fruit.",
+                                                                 "output": "An apple. " * 20}] * 3))),
      r"every example of .* is longer than the context of 33 tokens: raise seq_len= .*or use shorter examples"),
     ("messages-without-chat-template", "call", lambda tmp: train.main(_on_story(tmp, data=_instructions_file(
         tmp, [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}] * 3,
@@ -1954,8 +1956,10 @@ _TRAIN_BAD_INPUT = [
     ("messages-not-ending-with-the-answer", "call", lambda tmp: train.main(_on_story(tmp, data=_instructions_file(
         tmp, [{"messages": [{"role": "user", "content": "Hi"}]}], "chat.jsonl"))),
      "example 0 of .* needs .messages.: .* that ends with the assistant's answer"),
-    ("run-lora_rank-negative", "run", lambda tmp: ["lora_rank=-1"], r"^lora_rank=-1 must be 0 \(off\) or more, e\.g\. lora_rank=8"),
-    ("lora_alpha-0", "call", lambda tmp: train.main(["lora_rank=8", "lora_alpha=0"]), r"^lora_alpha=0\.0 must be above 0"),
+    ("run-lora_rank-negative", "run", lambda tmp: ["lora_rank=-1"],
+     r"^lora_rank=-1 must be 0 \(off\) or more, e\.g\. lora_rank=8"),
+    ("lora_alpha-0", "call", lambda tmp: train.main(["lora_rank=8", "lora_alpha=0"]),
+     r"^lora_alpha=0\.0 must be above 0"),
     ("resume-without-lora", "call", lambda tmp: [train.main(_on_corpus(tmp, "lora_rank=2")),
                                                  train.main(_on_corpus(tmp, "init_from=resume"))],
      "ckpt.pt was trained with lora_rank=2: resume with that lora_rank= and lora_alpha="),
