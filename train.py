@@ -161,8 +161,8 @@ def check_values(cfg, procs):
         ("weight_decay", lambda v: 0 <= v < math.inf, "must be 0 (none) or more, e.g. weight_decay=0.1"),
         ("grad_clip", lambda v: v >= 0, "must be 0 (off) or more, e.g. grad_clip=1.0"),
         ("fsdp", lambda v: not v or procs.distributed, "shards the model: launch with torchrun --nproc_per_node=N"),
-        ("lora_rank", lambda v: v >= 0 and not (v and cfg.fsdp), "must be 0 (off) or more, e.g. lora_rank=8; "
-         "LoRA does not work with fsdp=true: leave fsdp out (DDP)"),
+        ("lora_rank", lambda v: v >= 0, "must be 0 (off) or more, e.g. lora_rank=8"),
+        ("lora_rank", lambda v: not (v and cfg.fsdp), "does not work with fsdp=true yet: leave fsdp out (DDP)"),
         ("lora_alpha", lambda v: v is None or 0 < v < math.inf, "must be above 0, e.g. lora_alpha=16"),
         ("batch_size", lambda v: v % (procs.world_size * cfg.grad_accum) == 0,
          f"does not split evenly into {procs.world_size} process(es) x grad_accum={cfg.grad_accum} micro-batches: "
