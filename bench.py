@@ -1,14 +1,20 @@
 """Speed, measured side by side with transformers on the same weights, on this machine, in one run.
 
     python bench.py                                  # every section, 124M GPT-2, float32
-    python bench.py decode prefill                   # some sections: machine decode prefill train
-                                                     #   load tokenize ddp finetune
+    python bench.py decode prefill                   # some sections: machine decode prefill chat
+                                                     #   train load tokenize ddp finetune
     python bench.py --model llama3 config=toy        # Llama 3 (toy preset) against LlamaForCausalLM
     python bench.py decode compile=true              # settings: key=value; --help lists them
+    python bench.py device=cuda machine train decode # on a GPU (device=auto picks it): README "On a GPU"
 
 The defaults keep a run of every section under about 15 minutes on a 2-core CPU that computes in
 float32 only: 128 new tokens in decode, and without its torch.compile rows (compile=true adds them,
 a few minutes of compiling each on such a CPU); the bfloat16 rows only where bfloat16 is fast (bf16=).
+On a GPU the settings left at None take the GPU's defaults (PER_DEVICE): training in bfloat16 at
+16 x 1024 with flash attention and torch.compile, decoding in bfloat16, compiled rows included; times
+wait for the GPU (torch.cuda.synchronize), memory is torch.cuda.max_memory_allocated, and the peaks
+measured are the GPU's (a large bfloat16 matmul, a device-to-device copy). load, tokenize and ddp
+measure the CPU whatever device= says.
 
 Machines are shared and noisy: every figure is the best of several runs taken in turns, and the
 ratios within one run mean more than the absolute numbers. The `machine` section measures what the
@@ -42,7 +48,7 @@ import common
 import gpt2
 import train
 from common import (MODELS, UserError, apply_overrides, import_model, load_tokenizer, model_config,
-                    parse_args, pick_dtype, print_help)
+                    parse_args, pick_device, pick_dtype, print_help)
 from data import instructions, prepare
 from sample import compile_for_decoding, generate, lay_out_for_decoding
 
@@ -55,16 +61,26 @@ class BenchConfig:
     new_tokens: int = 128        # decode: tokens generated per run
     num_samples: int = 8         # decode: rows of the batched runs
     prefill_len: int = 512       # prefill: prompt tokens
-    batch_size: int = 4          # train
-    seq_len: int = 256           # train
-    steps: int = 3               # train: timed steps per row, after one warmup step
-    compile: bool = False        # decode: also with torch.compile, as sample.py compile=true (minutes)
-    compile_train: bool = False  # train: also ours with torch.compile (minutes of compiling)
+    batch_size: int | None = None      # train; None = 4 on a CPU, 16 on a GPU
+    seq_len: int | None = None         # train; None = 256 on a CPU, 1024 on a GPU
+    steps: int | None = None           # train: timed steps per row, after one warmup step; None = 3 / 10
+    compile: bool | None = None        # decode: also with torch.compile, as sample.py compile=true
+                                       #   (minutes on a CPU); None = false on a CPU, true on a GPU
+    compile_train: bool | None = None  # train: also with torch.compile; None = false on a CPU, true on a GPU
     bf16: str = "auto"           # bfloat16 rows (matmul peak, train): auto = where dtype=auto picks
-                                 #   bfloat16 (CPUs with AVX-512 BF16 or AMX); true; false
+                                 #   bfloat16 (CPUs with AVX-512 BF16 or AMX, recent GPUs); true; false
+    device: str = "auto"         # auto = cuda, then cpu; cuda, cuda:1, cpu
 
 
 SETTINGS = BenchConfig()
+PER_DEVICE = {  # the settings left at None: (on a CPU, on a GPU)
+    "batch_size": (4, 16), "seq_len": (256, 1024), "steps": (3, 10), "compile": (False, True),
+    "compile_train": (False, True)}
+DEVICE = torch.device("cpu")  # set by main from device=
+
+
+def on_gpu():
+    return DEVICE.type == "cuda"
 
 
 def dtypes():
@@ -73,7 +89,7 @@ def dtypes():
     A CPU without AVX-512 BF16 or AMX emulates bfloat16: there one 2048^3 matmul takes minutes, and
     a run that samples the matmul peak again and again printed nothing for half an hour.
     """
-    fast = pick_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    fast = pick_dtype("auto", DEVICE) == torch.bfloat16
     bf16 = {"auto": fast, "true": True, "false": False}[SETTINGS.bf16]
     return (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
 
@@ -95,12 +111,20 @@ def progress(section, what):
 
 # ----------------------------------------------------------------------------- measuring
 
+def sync():
+    """Wait until the GPU has done the work queued so far: CUDA calls return before it is done."""
+    if on_gpu():
+        torch.cuda.synchronize(DEVICE)
+
+
 def best_time(fn, repeats):
     """Seconds of the fastest of `repeats` calls (after the caller's warmup)."""
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return min(times)
 
@@ -115,10 +139,17 @@ class PeakMemory:
 
     A thread samples it every few milliseconds, so the peak of a short spike may be missed. Freed
     memory is handed back to the system first (malloc_trim), so that rows don't hide in each other's.
+    On a GPU: the GPU memory allocated by PyTorch, whose peak CUDA itself keeps (max_memory_allocated).
     """
 
     def __enter__(self):
         gc.collect()
+        if on_gpu():
+            sync()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(DEVICE)
+            self.start = torch.cuda.memory_allocated(DEVICE)
+            return self
         try:
             import ctypes
             ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -136,6 +167,10 @@ class PeakMemory:
             time.sleep(0.003)
 
     def __exit__(self, *exc):
+        if on_gpu():
+            sync()
+            self.mib = (torch.cuda.max_memory_allocated(DEVICE) - self.start) / 2**20
+            return
         self.running = False
         self.thread.join()
         self.mib = (max(self.peak, rss()) - self.start) / 2**20
@@ -170,34 +205,41 @@ def table(title, header, rows, note=""):
 
 # ----------------------------------------------------------------------------- the models
 
-def build_ours(model_name):
+def build_ours(model_name, **changes):
+    """Our model of the preset, float32, on DEVICE; changes (vocab_size=, flash=) go into its Config."""
     arch = import_model(model_name)
     cfg = model_config(arch, SETTINGS.config or ("gpt2" if model_name == "gpt2" else MODELS[model_name]))
     if hasattr(cfg, "dropout"):
         cfg.dropout = 0.0  # as in transformers' eval and our train comparison: no dropout anywhere
     if hasattr(cfg, "weight_dtype"):
         cfg.weight_dtype = "float32"
+    for key, value in changes.items():
+        setattr(cfg, key, value)
     torch.manual_seed(0)
-    return arch.Transformer(cfg)
+    with torch.device(DEVICE):  # initialised where it runs: a 1B model's init takes a GPU no time
+        return arch.Transformer(cfg)
 
 
 def build_hf(ours):
     """transformers' model of the same architecture, holding the same weights as ours.
 
     The mapping of load_hf.py, the other way round: there, HF's names into ours; here, ours into HF's.
+    Attention through F.scaled_dot_product_attention (attn_implementation="sdpa"), as ours with flash.
     """
     cfg, w = ours.cfg, ours.state_dict()
     if not hasattr(cfg, "n_kv_heads"):  # GPT-2: Conv1D layers store the weight transposed (in, out)
         from transformers import GPT2Config, GPT2LMHeadModel
-        hf = GPT2LMHeadModel(GPT2Config(
-            vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.d_model,
-            n_layer=cfg.n_layers, n_head=cfg.n_heads, layer_norm_epsilon=cfg.norm_eps,
-            tie_word_embeddings=cfg.tie_weights, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        with torch.device(DEVICE):  # initialised where it runs, as ours
+            hf = GPT2LMHeadModel(GPT2Config(
+                vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.d_model,
+                n_layer=cfg.n_layers, n_head=cfg.n_heads, layer_norm_epsilon=cfg.norm_eps,
+                tie_word_embeddings=cfg.tie_weights, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                attn_implementation="sdpa"))
         state = {"transformer.wte.weight": w["token_embedding.weight"],
                  "transformer.wpe.weight": w["position_embedding.weight"],
                  "transformer.ln_f.weight": w["final_norm.weight"],
                  "transformer.ln_f.bias": w["final_norm.bias"], "lm_head.weight": w["lm_head.weight"]}
-        zeros = torch.zeros(cfg.d_model)
+        zeros = torch.zeros(cfg.d_model, device=DEVICE)
         for i in range(cfg.n_layers):
             o, t = f"blocks.{i}.", f"transformer.h.{i}."
             state[t + "attn.c_attn.weight"] = torch.cat([w[o + f"attn.w{n}.weight"] for n in "qkv"]).t()
@@ -216,11 +258,13 @@ def build_hf(ours):
             rope.update(rope_type="llama3", factor=cfg.rope_factor,
                         low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
                         original_max_position_embeddings=cfg.rope_original_context)
-        hf = LlamaForCausalLM(LlamaConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.context_length,
-            rms_norm_eps=cfg.norm_eps, rope_parameters=rope, tie_word_embeddings=cfg.tie_weights))
+        with torch.device(DEVICE):  # initialised where it runs, as ours
+            hf = LlamaForCausalLM(LlamaConfig(
+                vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+                num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.context_length,
+                rms_norm_eps=cfg.norm_eps, rope_parameters=rope, tie_word_embeddings=cfg.tie_weights,
+                attn_implementation="sdpa"))
         state = {"model.embed_tokens.weight": w["token_embedding.weight"],
                  "model.norm.weight": w["final_norm.weight"], "lm_head.weight": w["lm_head.weight"]}
         names = {"attn_norm": "input_layernorm", "attn.wq": "self_attn.q_proj",
@@ -232,7 +276,7 @@ def build_hf(ours):
                 state[f"model.layers.{i}.{theirs}.weight"] = w[f"blocks.{i}.{ours_name}.weight"]
     missing, unexpected = hf.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=False)
     assert not unexpected and all("rotary" in k or "bias" in k and "attn" in k for k in missing), missing
-    return hf
+    return hf.to(DEVICE)
 
 
 def set_flash(model, flash):
@@ -247,8 +291,11 @@ class Machine:
     its best sample, since a busy moment of a shared machine can only make a sample lower.
 
     read_gbs:  memory read bandwidth, summing a 1 GiB float32 tensor (far bigger than the caches)
+    copy_gbs:  on a GPU, a device-to-device copy of that 1 GiB, bytes read + bytes written per second:
+               how a GPU's memory bandwidth is quoted, and what its decoding is compared with
     gemv_gbs:  the same 1 GiB as a matrix times a vector through F.linear: eager decoding's pattern
-    peak_float32, peak_bfloat16: 2048 x 2048 x 2048 matmul GFLOP/s (bfloat16: see dtypes)
+    peak_float32, peak_bfloat16: n x n x n matmul GFLOP/s, n = 2048 on a CPU, 8192 on a GPU (bfloat16:
+               see dtypes; float32 on a GPU without TF32, PyTorch's default)
     """
 
     def __init__(self):
@@ -262,34 +309,56 @@ class Machine:
         def keep(key, value):
             self.best[key] = max(self.best.get(key, 0.0), value)
 
+        def seconds(fn):  # a GPU does these in a millisecond: 10 calls between two synchronisations
+            calls = 10 if on_gpu() else 1
+            fn()
+            return best_time(lambda: [fn() for _ in range(calls)], 5) / calls
+
         with torch.no_grad():
-            x = torch.ones(2**28)  # written, so every page is really there (torch.empty's are not)
-            x.sum()
-            keep("read_gbs", x.nbytes / best_time(x.sum, 5) / 1e9)
-            w, v = x.view(-1, 1024), torch.ones(1024)
-            F.linear(v, w)
-            keep("gemv_gbs", w.nbytes / best_time(lambda: F.linear(v, w), 5) / 1e9)
+            x = torch.ones(2**28, device=DEVICE)  # written, so every page is really there (torch.empty's are not)
+            keep("read_gbs", x.nbytes / seconds(x.sum) / 1e9)
+            if on_gpu():
+                y = torch.empty_like(x)
+                keep("copy_gbs", 2 * x.nbytes / seconds(lambda: y.copy_(x)) / 1e9)
+                y = None
+            w, v = x.view(-1, 1024), torch.ones(1024, device=DEVICE)
+            keep("gemv_gbs", w.nbytes / seconds(lambda: F.linear(v, w)) / 1e9)
             x = w = None  # free the 1 GiB before the matmuls
-            n = 2048
+            n = self.matmul_size()
             for dtype in dtypes():
-                a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-                a @ b
-                keep(f"peak_{str(dtype)[6:]}", 2 * n**3 / best_time(lambda: a @ b, 5) / 1e9)
+                a, b = (torch.randn(n, n, dtype=dtype, device=DEVICE) for _ in range(2))
+                keep(f"peak_{str(dtype)[6:]}", 2 * n**3 / seconds(lambda: a @ b) / 1e9)
         self.samples += 1
         return self
 
     def __getitem__(self, key):
         return self.best[key]
 
+    @staticmethod
+    def matmul_size():
+        return 8192 if on_gpu() else 2048  # big enough to keep a GPU's tensor cores busy
+
+    @staticmethod
+    def bandwidth():
+        """(key, name) of the bandwidth decoding is compared with: a GPU's copy, a CPU's read."""
+        return ("copy_gbs", "copy bandwidth") if on_gpu() else ("read_gbs", "read bandwidth")
+
     def report(self):
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                    if line.startswith("model name")), "?")
-        rows = [["read: sum of a 1 GiB float32 tensor", f"{self['read_gbs']:.1f} GB/s"],
-                ["read: 1 GiB float32 matrix x vector (F.linear)", f"{self['gemv_gbs']:.1f} GB/s"]]
-        rows += [[f"matmul peak, {str(dt)[6:]} (2048 x 2048 x 2048)", f"{self['peak_' + str(dt)[6:]]:.0f} GFLOP/s"]
+        if on_gpu():
+            name = f"{torch.cuda.get_device_name(DEVICE)}, CUDA {torch.version.cuda}"
+        else:
+            cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                        if line.startswith("model name")), "?")
+            name = f"{cpu}, {torch.get_num_threads()} threads"
+        rows = [["read: sum of a 1 GiB float32 tensor", f"{self['read_gbs']:.1f} GB/s"]]
+        if on_gpu():
+            rows.append(["copy: 1 GiB device to device (read + written)", f"{self['copy_gbs']:.1f} GB/s"])
+        rows.append(["read: 1 GiB float32 matrix x vector (F.linear)", f"{self['gemv_gbs']:.1f} GB/s"])
+        n = self.matmul_size()
+        rows += [[f"matmul peak, {str(dt)[6:]} ({n} x {n} x {n})", f"{self['peak_' + str(dt)[6:]]:.0f} GFLOP/s"]
                  for dt in dtypes()]
-        table(f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-              f"best of {self.samples} samples taken during the run", ["what", "measured"], rows, bf16_note())
+        table(f"machine: {name}, torch {torch.__version__}; best of {self.samples} samples taken during the run",
+              ["what", "measured"], rows, bf16_note())
 
 
 MACHINE = Machine()
@@ -302,19 +371,26 @@ def bench_machine(model_name):
         MACHINE.sample()
 
 
+def decode_dtype():
+    """Decoding's weights: float32 on a CPU (which may have no fast bfloat16), bfloat16 on a GPU, as
+    published Llama weights are and as a GPU user samples."""
+    return torch.bfloat16 if on_gpu() else torch.float32
+
+
 def bench_decode(model_name):
-    """Decode tokens/s: batch 1 and num_samples, float32, greedy, against transformers' generate."""
+    """Decode tokens/s: batch 1 and num_samples, greedy, against transformers' generate."""
     MACHINE.sample()
     p, n, k, repeats = SETTINGS.prompt_len, SETTINGS.new_tokens, SETTINGS.num_samples, SETTINGS.repeats
-    as_trained = build_ours(model_name).eval()  # nn.Linear's (out, in) layout, as training leaves it
-    hf = build_hf(as_trained).eval()
-    ours = build_ours(model_name).eval()
+    dt, flash = decode_dtype(), on_gpu()  # a GPU: flash attention, as transformers' sdpa
+    as_trained = build_ours(model_name, flash=flash).to(dt).eval()  # nn.Linear's (out, in) layout
+    hf = build_hf(as_trained).to(dt).eval()
+    ours = build_ours(model_name, flash=flash).to(dt).eval()
     ours.load_state_dict(as_trained.state_dict())
-    ours = lay_out_for_decoding(ours)  # as sample.py does: (in, out) in memory
+    ours = lay_out_for_decoding(ours)  # as sample.py does: on a CPU, (in, out) in memory
     per_step = weight_bytes(ours)
     assert per_step == weight_bytes(hf)
     gen = torch.Generator().manual_seed(1)
-    prompts = {b: torch.randint(0, ours.cfg.vocab_size, (b, p), generator=gen) for b in (1, k)}
+    prompts = {b: torch.randint(0, ours.cfg.vocab_size, (b, p), generator=gen).to(DEVICE) for b in (1, k)}
 
     def run_ours(model, b, use_cache=True):
         return lambda: torch.stack(list(generate(model, prompts[b], n, use_cache=use_cache)), dim=1)
@@ -324,21 +400,22 @@ def bench_decode(model_name):
                                    max_new_tokens=n, min_new_tokens=n, pad_token_id=0)[:, p:]
 
     def compiled_copy():  # its own model: a compiled model recompiles when its caches change size
-        model = build_ours(model_name).eval()
+        model = build_ours(model_name, flash=flash).to(dt).eval()
         model.load_state_dict(ours.state_dict())
         return compile_for_decoding(model)
 
     # name: (batch size, run once -> token ids (b, n), transformers' row of that batch size)
     rows = {"transformers generate": (1, run_hf(1)), "ours, KV cache": (1, run_ours(ours, 1)),
-            "ours, KV cache, weights laid out (out, in)": (1, run_ours(as_trained, 1)),
             "ours, no cache": (1, run_ours(ours, 1, use_cache=False))}
+    if not on_gpu():  # what lay_out_for_decoding gains
+        rows["ours, KV cache, weights laid out (out, in)"] = (1, run_ours(as_trained, 1))
     if SETTINGS.compile:
         rows["ours, KV cache, compile=true"] = (1, run_ours(compiled_copy(), 1))
     rows[f"transformers generate, batch {k}"] = (k, run_hf(k))
     rows[f"ours, KV cache, batch {k}"] = (k, run_ours(ours, k))
     if SETTINGS.compile:
         rows[f"ours, KV cache, compile=true, batch {k}"] = (k, run_ours(compiled_copy(), k))
-    what = lambda name, b: f"{name.replace(f', batch {k}', '')}, batch {b}, float32, {n} tokens"
+    what = lambda name, b: f"{name.replace(f', batch {k}', '')}, batch {b}, {str(dt)[6:]}, {n} tokens"
     seconds, memory, ids = {}, {}, {}
     with torch.no_grad():
         for name, (b, run) in rows.items():  # the first run: warmup (and compiling), memory, token ids
@@ -360,18 +437,20 @@ def bench_decode(model_name):
 
     def report():
         out = []
+        bandwidth, bandwidth_name = MACHINE.bandwidth()
         for name, (b, run) in rows.items():
             batch1 = name.replace(f", batch {k}", "")
             theirs = "transformers generate" + ("" if b == 1 else f", batch {k}")
             gbs = per_step * n / seconds[name] / 1e9  # weights are read once per step, for all rows
             out.append([name, f"{b * n / seconds[name]:.1f}", f"{seconds[theirs] / seconds[name]:.2f}x",
                         f"{seconds[batch1] / seconds[name] * b:.1f}x" if b > 1 else "",
-                        f"{gbs:.1f}", f"{gbs / MACHINE['read_gbs']:.0%}", f"{memory[name]:.0f}",
+                        f"{gbs:.1f}", f"{gbs / MACHINE[bandwidth]:.0%}", f"{memory[name]:.0f}",
                         "yes" if torch.equal(ids[name], ids[theirs]) else "no"])
         table(f"decode: {model_name} ({sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M parameters),"
-              f" float32, {p}-token prompt, {n} new tokens, greedy; {per_step / 1e6:.0f} MB of weights "
-              f"read per step", ["", "tokens/s", "vs transformers", "vs batch 1", "weights GB/s",
-                                 "of read bandwidth", "MiB beyond weights", "same ids as transformers"], out)
+              f" {str(dt)[6:]}{', flash attention' * flash}, {p}-token prompt, {n} new tokens, greedy; "
+              f"{per_step / 1e6:.0f} MB of weights read per step",
+              ["", "tokens/s", "vs transformers", "vs batch 1", "weights GB/s", f"of {bandwidth_name}",
+               "MiB beyond weights", "same ids as transformers"], out)
     TABLES.append(report)
 
 
@@ -382,7 +461,7 @@ def bench_prefill(model_name):
     ours = build_ours(model_name).eval()
     t = min(t, ours.cfg.context_length)
     hf = build_hf(ours).eval()
-    idx = torch.randint(0, ours.cfg.vocab_size, (1, t), generator=torch.Generator().manual_seed(2))
+    idx = torch.randint(0, ours.cfg.vocab_size, (1, t), generator=torch.Generator().manual_seed(2)).to(DEVICE)
 
     def run_ours(flash, last_only=True):
         def run():
@@ -418,28 +497,95 @@ def bench_prefill(model_name):
          for name, s in seconds.items()]))
 
 
+def bench_chat(model_name):
+    """A second chat turn, the first turn's KV cache kept, against a fresh run of the whole conversation.
+
+    As sample.py's Chat: one cache at the context length; the second turn's conversation is the first's
+    (prefill_len tokens), its reply (new_tokens), and a 32-token message; its reply is new_tokens long.
+    The kept cache prefills only what follows the longest common prefix, the fresh run all of it. A
+    Llama: llama3 (toy preset, 48M, its context made 1024) unless --model llama2; config= another size.
+    """
+    MACHINE.sample()
+    p, n, repeats = SETTINGS.prefill_len, SETTINGS.new_tokens, SETTINGS.repeats
+    arch = import_model("llama2" if model_name == "llama2" else "llama3")
+    cfg = model_config(arch, SETTINGS.config or MODELS[arch.__name__])
+    cfg.context_length, cfg.weight_dtype = max(cfg.context_length, 1024, p + 2 * n + 32), "float32"
+    torch.manual_seed(0)
+    model = lay_out_for_decoding(arch.Transformer(cfg).eval())  # as sample.py loads it
+    gen = torch.Generator().manual_seed(4)
+    first = torch.randint(0, cfg.vocab_size, (1, p), generator=gen)
+    model.setup_cache(1, cfg.context_length)  # once, as Chat does: the turns share it
+    reply = torch.stack(list(generate(model, first, n, cached=0)), dim=1)
+    message = torch.randint(0, cfg.vocab_size, (1, 32), generator=gen)
+    second = torch.cat([first, reply, message], dim=1)  # the conversation of the second turn
+    keep = p + n - 1  # the first turn's last token was sampled, never fed: not in the cache
+
+    def turn(cached, tokens):
+        return lambda: torch.stack(list(generate(model, second, tokens, cached=cached)), dim=1)
+
+    rows = {"second turn, cache kept": keep, "fresh run of the whole conversation": 0}
+    seconds = {(name, tokens): float("inf") for name in rows for tokens in (1, n)}
+    with torch.no_grad():
+        same = torch.equal(turn(keep, n)(), turn(0, n)())  # the cache's prefix is rewritten with the same ids
+        for i in range(repeats):  # in turns, so that a busy moment of the machine hits them all
+            progress("chat", f"every row, timed run {i + 1} of {repeats}")
+            for (name, tokens) in seconds:
+                seconds[name, tokens] = min(seconds[name, tokens], best_time(turn(rows[name], tokens), 1))
+            MACHINE.sample()
+    fresh = "fresh run of the whole conversation"
+    print(f"(chat: second turn {seconds[next(iter(rows)), n]:.2f} s, fresh {seconds[fresh, n]:.2f} s)", flush=True)
+    TABLES.append(lambda: table(
+        f"chat: {arch.__name__} ({sum(t.numel() for t in model.parameters()) / 1e6:.0f}M parameters), float32, "
+        f"batch 1, greedy; second turn of a {second.shape[1]}-token conversation, {n}-token reply",
+        ["", "tokens prefilled", "first token ms", "vs fresh", "whole reply s", "vs fresh"],
+        [[name, second.shape[1] - cached, f"{seconds[name, 1] * 1e3:.0f}",
+          f"{seconds[fresh, 1] / seconds[name, 1]:.1f}x", f"{seconds[name, n]:.2f}",
+          f"{seconds[fresh, n] / seconds[name, n]:.2f}x"] for name, cached in rows.items()],
+        f"same reply both ways: {'yes' if same else 'no'}"))
+
+
+PADDED_VOCAB = 50304  # GPT-2's 50,257 rounded up to a multiple of 128, as nanoGPT pads it: the head's
+                      # matmuls then tile evenly; the tokenizer and the data stay as they are
+
+
+def train_rows(model_name):
+    """The train section's rows. A CPU: transformers, ours with einsum and with flash attention. A GPU:
+    what a GPU user runs, bfloat16 autocast and flash attention (transformers': sdpa), eager and compiled,
+    and for GPT-2 ours with the vocabulary padded to PADDED_VOCAB."""
+    if not on_gpu():
+        names = ["transformers", "ours, einsum attention", "ours, flash=True"]
+        return names + ["ours, flash=True, torch.compile"] * SETTINGS.compile_train
+    names = ["transformers (sdpa)", "ours, flash=True"]
+    if SETTINGS.compile_train:
+        names += ["transformers (sdpa), torch.compile", "ours, flash=True, torch.compile"]
+    if model_name == "gpt2":
+        names.append(f"{names[-1]}, vocab padded to {PADDED_VOCAB:,}")
+    return names
+
+
 def bench_train(model_name):
     """Training tokens/s (forward, backward, fused AdamW step), ours against transformers."""
     MACHINE.sample()
     b, t, steps = SETTINGS.batch_size, SETTINGS.seq_len, SETTINGS.steps
     gen = torch.Generator().manual_seed(3)
-    names = ["transformers", "ours, einsum attention", "ours, flash=True"]
-    if SETTINGS.compile_train:
-        names.append("ours, flash=True, torch.compile")
+    names = train_rows(model_name)
     results = []  # (name, dtype, seconds per step, FLOPs per step, peak MiB)
-    for dtype in dtypes():
-        steppers, memory = {}, {}
+    for dtype in (torch.bfloat16,) if on_gpu() else dtypes():  # a GPU trains in bfloat16 autocast
+        steppers, memory, x = {}, {}, None
         for name in names:  # build each, and take one step: warmup, and the memory it needs
             progress("train", f"{name}, {str(dtype)[6:]}, batch {b} x {t}, warmup step"
-                              + (" (compiling: minutes)" if "compile" in name else ""))
+                              + (" (compiling: a minute or more)" if "compile" in name else ""))
             with PeakMemory() as mem:
-                ours = build_ours(model_name)
-                t = min(t, ours.cfg.context_length)
-                x = torch.randint(0, ours.cfg.vocab_size, (b, t + 1), generator=gen)
-                flops = 3 * matmul_flops_per_token(ours, t) * b * t  # backward: twice the forward
+                ours = build_ours(model_name, **({"vocab_size": PADDED_VOCAB} if "padded" in name else {}))
+                if x is None:  # the first row is transformers': the model's own vocabulary
+                    t = min(t, ours.cfg.context_length)
+                    x = torch.randint(0, ours.cfg.vocab_size, (b, t + 1), generator=gen).to(DEVICE)
+                    # every row does this work: a padded head's extra rows are not counted as useful
+                    flops = 3 * matmul_flops_per_token(ours, t) * b * t  # backward: twice the forward
                 steppers[name] = train_step(ours, name, dtype, x[:, :-1], x[:, 1:])
                 del ours  # transformers' row keeps only its own copy of the weights
                 steppers[name]()
+                sync()
             memory[name] = mem.mib
         seconds = {name: float("inf") for name in names}
         for i in range(steps):  # in turns, so that a busy moment of the machine hits them all
@@ -453,21 +599,26 @@ def bench_train(model_name):
         del steppers
 
     def report():
-        hf = {dt: s for name, dt, s, _, _ in results if name == "transformers"}
+        hf = {(dt, "compile" in name): s for name, dt, s, _, _ in results if name.startswith("transformers")}
+        theirs = lambda name, dt: hf.get((dt, "compile" in name), hf[dt, False])  # compiled: against compiled
+        note = bf16_note()
+        if on_gpu() and model_name == "gpt2":
+            note = "The book: 142,000 tokens/s for the 124M model on one A100 (bf16, flash, compile)."
         table(f"train: {model_name}, batch {b} x {t} tokens, forward + backward + fused AdamW step, "
-              f"bfloat16 = autocast", ["", "dtype", "tokens/s", "vs transformers", "GFLOP/s",
-                                       "MFU (of measured peak)", "peak MiB"],
-              [[name, dt, f"{b * t / s:.0f}", f"{hf[dt] / s:.2f}x", f"{flops / s / 1e9:.0f}",
+              f"bfloat16 = autocast, on {DEVICE.type}", ["", "dtype", "tokens/s", "vs transformers", "GFLOP/s",
+                                                         "MFU (of measured peak)", "peak MiB"],
+              [[name, dt, f"{b * t / s:.0f}", f"{theirs(name, dt) / s:.2f}x", f"{flops / s / 1e9:.0f}",
                 f"{flops / s / 1e9 / MACHINE['peak_' + dt]:.0%}", f"{mib:.0f}"]
-               for name, dt, s, flops, mib in results], bf16_note())
+               for name, dt, s, flops, mib in results], note)
     TABLES.append(report)
 
 
 def train_step(ours, name, dtype, x, y):
     """One training step of the row `name`, as a function; transformers' model gets ours's weights."""
-    if name == "transformers":
+    if name.startswith("transformers"):
         model = build_hf(ours)
-        loss_of = lambda: model(x, labels=x).loss  # it shifts the labels itself
+        forward = torch.compile(model) if "compile" in name else model
+        loss_of = lambda: forward(x, labels=x).loss  # it shifts the labels itself
     else:
         model = ours
         set_flash(model, "flash" in name)
@@ -477,7 +628,7 @@ def train_step(ours, name, dtype, x, y):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step():
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = loss_of()
         loss.backward()
         optimizer.step()
@@ -794,7 +945,7 @@ def bench_finetune(model_name):
             train.add_lora(model, lora_rank, 2 * lora_rank)
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-        memory[name] = step_memory(model, optimizer, *split.read(batch))
+        memory[name] = step_memory(model, optimizer, *(z.to(DEVICE) for z in split.read(batch)))
         n_trained[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         steppers[name] = finetune_step(model, optimizer, split, batch)
     seconds = {name: float("inf") for name in steppers}
@@ -805,7 +956,7 @@ def bench_finetune(model_name):
     full = rows[0][0]
     mib = lambda n: f"{n / 2**20:.1f}"
     TABLES.append(lambda: table(
-        f"finetune: {model_name}, batch {b} x {t} tokens, float32, one step = batch + forward + backward + fused AdamW",
+        f"finetune: {model_name}, batch {b} x {t} tokens, float32, {DEVICE.type}, one step = batch + forward + backward + fused AdamW",
         ["", "parameters trained", "AdamW state MiB", "vs full", "gradients MiB", "activations MiB",
          "step memory MiB", "vs full", "s per step", "tokens/s", "vs full"],
         [[name, f"{n_trained[name]:,}", mib(m["state"]), f"{m['state'] / memory[full]['state']:.1%}", mib(m["grads"]),
@@ -842,15 +993,16 @@ def step_memory(model, optimizer, x, y):
 def finetune_step(model, optimizer, split, rows):
     """One step of train.py on the batch rows of split, as a function."""
     def step():
-        x, y = split.read(rows)
-        train.loss_fn(model, x, y).backward()
+        x, y = split.read(rows)  # on the CPU, as train.py reads them, then moved
+        train.loss_fn(model, x.to(DEVICE), y.to(DEVICE)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
 
 
-SECTIONS = {"machine": bench_machine, "decode": bench_decode, "prefill": bench_prefill, "train": bench_train,
-            "load": bench_load, "tokenize": bench_tokenize, "ddp": bench_ddp, "finetune": bench_finetune}
+SECTIONS = {"machine": bench_machine, "decode": bench_decode, "prefill": bench_prefill, "chat": bench_chat,
+            "train": bench_train, "load": bench_load, "tokenize": bench_tokenize, "ddp": bench_ddp,
+            "finetune": bench_finetune}
 
 
 def main(argv):
@@ -862,9 +1014,16 @@ def main(argv):
         return
     if SETTINGS.bf16 not in ("auto", "true", "false"):
         raise UserError(f"bf16={SETTINGS.bf16}: expected auto, true or false")
+    global DEVICE
+    DEVICE = pick_device(SETTINGS.device)  # device=cuda without a GPU: one line, exit status 2
+    if DEVICE.type not in ("cpu", "cuda"):
+        raise UserError(f"device={SETTINGS.device}: bench.py measures a CPU or a CUDA GPU: pass device=cpu")
+    for key, (cpu, gpu) in PER_DEVICE.items():
+        if getattr(SETTINGS, key) is None:
+            setattr(SETTINGS, key, gpu if on_gpu() else cpu)
     model_name = model_name or "gpt2"
-    print(f"bench.py: {model_name}, {torch.get_num_threads()} threads, load average "
-          f"{os.getloadavg()[0]:.1f}", flush=True)
+    where = torch.cuda.get_device_name(DEVICE) if on_gpu() else f"{torch.get_num_threads()} threads"
+    print(f"bench.py: {model_name}, {where}, load average {os.getloadavg()[0]:.1f}", flush=True)
     for name in names or SECTIONS:
         progress(name, SECTIONS[name].__doc__.split("\n")[0].rstrip("."))
         SECTIONS[name](model_name)

@@ -13,8 +13,10 @@ import hashlib
 import importlib
 import inspect
 import io
+import json
 import math
 import os
+import shutil
 import sys
 import textwrap
 import time
@@ -260,8 +262,8 @@ def pick_dtype(name, device):
     CPUs with AVX-512 BF16/AMX), else float32; device=None: the dtype= of weights as sample.py and
     load_hf.py take it, where checkpoint = as stored (None)."""
     if name == "auto" and device is not None:
-        fast_bf16 = (torch.cuda.is_bf16_supported() if device.type == "cuda"
-                     else device.type == "cpu" and torch.cpu._is_avx512_bf16_supported())
+        fast_bf16 = (torch.cuda.get_device_capability(device)[0] >= 8  # Ampere on; before: emulated, slow
+                     if device.type == "cuda" else device.type == "cpu" and torch.cpu._is_avx512_bf16_supported())
         return torch.bfloat16 if fast_bf16 else torch.float32
     if name == "checkpoint" and device is None:
         return None
@@ -276,12 +278,14 @@ class Tokenizer:
     """GPT-2's byte-pair encoding, built from data/gpt2.tiktoken so that it works offline."""
 
     name = tag = "gpt2"
+    chat_template = None  # messages cannot become ids: GPT-2 was not trained to chat
 
     def __init__(self):
         ranks = load_tiktoken_bpe(os.path.join(HERE, "data", "gpt2.tiktoken"))
         self.enc = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                                      special_tokens={"<|endoftext|>": 50256})
         self.eot_id = 50256
+        self.end_ids = (50256,)  # generation stops at any of these
         self.vocab_size = self.enc.n_vocab  # 50257
 
     def encode(self, text):
@@ -317,7 +321,22 @@ class HFTokenizer:
         with open(path, "rb") as f:  # names the token cache of a corpus: one per tokenizer
             self.tag = "tok-" + hashlib.sha1(f.read()).hexdigest()[:10]
         self.eot_id = self.hf.eos_token_id  # Llama 3: <|end_of_text|>, Llama 2: </s>
+        ends = generation_end_ids(folder) + ((self.eot_id,) if self.eot_id is not None else ())
+        self.end_ids = tuple(dict.fromkeys(ends))  # generation stops at any; each once, in order
         self.vocab_size = len(self.hf)  # special tokens included
+        # the Jinja template of an instruct model (tokenizer_config.json's or chat_template.jinja), or None
+        self.chat_template = self.hf.chat_template
+
+    def chat_ids(self, messages):
+        """The ids of a conversation, [{"role": "system" | "user" | "assistant", "content": text}, ...],
+        formatted by the tokenizer's own chat template and ending where the assistant's reply starts."""
+        try:
+            return self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=False)
+        except Exception as e:  # the template's own raise_exception (a model without a system role), or a bad file
+            raise UserError(f"the chat template of {self.name} cannot format this conversation "
+                            f"({type(e).__name__}: {' '.join(str(e).split())}): leave system= out if the model "
+                            f"takes none, or copy the model's tokenizer files again") from None
 
     def encode(self, text):
         return self.hf.encode(text)  # with the start token (<s>, <|begin_of_text|>) the model expects
@@ -330,9 +349,31 @@ class HFTokenizer:
 
     def save(self, out_dir):
         """A copy in out_dir/tokenizer, so that the checkpoint there stands alone; it records the folder."""
-        if os.path.abspath(self.name) != os.path.abspath(os.path.join(out_dir, "tokenizer")):
-            self.hf.save_pretrained(os.path.join(out_dir, "tokenizer"))
+        copy = os.path.join(out_dir, "tokenizer")
+        if os.path.abspath(self.name) != os.path.abspath(copy):
+            self.hf.save_pretrained(copy)
+            if os.path.isfile(os.path.join(self.name, "generation_config.json")):  # its end tokens
+                shutil.copyfile(os.path.join(self.name, "generation_config.json"),
+                                os.path.join(copy, "generation_config.json"))
         return "tokenizer"  # relative to the checkpoint's folder, see read_checkpoint
+
+
+def generation_end_ids(folder):
+    """The end tokens that folder's generation_config.json lists (eos_token_id: an id or a list of them;
+    an instruct model's end of turn among them), or () without that file."""
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.isfile(path):
+        return ()
+    try:
+        with open(path, encoding="utf-8") as f:
+            ids = json.load(f).get("eos_token_id")
+        ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+        if not all(isinstance(i, int) and i >= 0 for i in ids):
+            raise ValueError(f"eos_token_id {ids}")
+    except (ValueError, TypeError, AttributeError) as e:  # not JSON, or not the ids of tokens
+        raise UserError(f"cannot read the end tokens in {path} ({type(e).__name__}): copy the model's "
+                        f"generation_config.json again, or delete it to stop at the tokenizer's end token") from None
+    return tuple(ids)
 
 
 def load_tokenizer(name):

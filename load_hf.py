@@ -298,11 +298,14 @@ def download(repo_id, pass_folder="init_from=path/to/folder"):
         config = fetch("config.json")
         folder = os.path.dirname(config)
         if read_json(config).get("model_type") != "gpt2":
-            for name in ("tokenizer.json", "tokenizer_config.json"):
+            # the tokenizer, its chat template (in tokenizer_config.json or a file of its own) and the
+            # end tokens generation stops at (generation_config.json)
+            for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                         "generation_config.json"):
                 try:
                     fetch(name)
-                except RemoteEntryNotFoundError:  # sample.py will say what is missing
-                    pass
+                except (RemoteEntryNotFoundError, LocalEntryNotFoundError):  # not there, or not cached:
+                    pass  # sample.py says what is missing if it needs it
         for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
             try:
                 path = fetch(name)

@@ -5,14 +5,17 @@
     python sample.py top_k=50 top_p=0.9 num_samples=3    # three samples, generated as one batch
     python sample.py init_from=gpt2-xl                   # GPT-2's published weights (see load_hf.py)
     python sample.py init_from=path/to/Llama-3.2-1B      # a Llama folder, with its own tokenizer
+    python sample.py init_from=path/to/Llama-3.2-1B-Instruct chat=true  # a conversation, typed line by line
+    python sample.py init_from=... chat=true prompt="Why is the sky blue?" system="Answer briefly."
     python sample.py --help                              # every key, with its type and default
 
 This file holds generation: sample_next picks a token, generate extends a batch step by step with the
-KV cache, complete turns a prompt into text (train.py prints one at each evaluation), load_model
-rebuilds a model from a checkpoint of train.py or, through load_hf.py, from Hugging Face weights, and
-lay_out_for_decoding and compile_for_decoding make generating on a CPU faster. It
-imports common.py (command line, tokenizers, checkpoint files) and load_hf.py, and nothing of
-training: it starts without torch.distributed.
+KV cache and stops each row at any of the tokenizer's end tokens, complete turns a prompt into text
+(train.py prints one at each evaluation), Chat holds a conversation with an instruct model (its chat
+template, the KV cache kept between turns), load_model rebuilds a model from a checkpoint of train.py
+or, through load_hf.py, from Hugging Face weights, and lay_out_for_decoding and compile_for_decoding
+make generating on a CPU faster. It imports common.py (command line, tokenizers, checkpoint files)
+and load_hf.py, and nothing of training: it starts without torch.distributed.
 """
 import math
 import sys
@@ -40,6 +43,9 @@ class SampleConfig:
     dtype: str = "checkpoint"    # checkpoint = as stored; or float32, bfloat16, float16
     use_cache: bool = True       # KV cache: each step computes only the new token
     compile: bool = False        # torch.compile the model: faster decoding after a minute of compiling
+    chat: bool = False           # talk to an instruct model through its chat template: answer prompt=, or
+                                 #   without prompt= each line of standard input in one conversation
+    system: str = ""             # chat: the system message ("" = none)
 
 
 def sample_next(logits, temperature, top_k, top_p):
@@ -59,18 +65,21 @@ def sample_next(logits, temperature, top_k, top_p):
 
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, eot_id=None,
-             use_cache=True):
+def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, end_ids=(),
+             use_cache=True, cached=None):
     """Extend idx (b, t), yielding the new token ids (b,) step by step.
 
-    Rows that have produced eot_id keep repeating it; generation stops when all rows have. Past the
-    context length the oldest tokens are dropped, as the book's crop does.
+    A row that has produced one of end_ids keeps repeating it; generation stops when all rows have.
+    Past the context length the oldest tokens are dropped, as the book's crop does. cached=None sets
+    up a new KV cache; cached=n says that the model's cache (set up by the caller, as a chat does
+    once at the context length) already holds idx's first n positions: only the rest is computed.
     """
     ctx = model.cfg.context_length
-    if use_cache:
+    if use_cache and cached is None:
         model.setup_cache(idx.shape[0], min(ctx, idx.shape[1] + max_new_tokens))
+    ends = torch.tensor(list(end_ids), dtype=idx.dtype, device=idx.device)
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    cached = 0  # positions whose keys and values are in the cache
+    cached = cached or 0  # positions whose keys and values are in the cache
     for _ in range(max_new_tokens):
         if not use_cache:
             logits = model(idx[:, -ctx:], last_only=True)
@@ -81,13 +90,17 @@ def generate(model, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0,
             logits = model(idx[:, start + cached:], start_pos=cached, use_cache=True, last_only=True)
             cached = idx.shape[1] - start
         next_id = sample_next(logits[:, -1], temperature, top_k, top_p)  # (b,)
-        if eot_id is not None:
-            next_id = next_id.masked_fill(done, eot_id)
-            done |= next_id == eot_id
+        next_id = torch.where(done, idx[:, -1], next_id)  # an ended row repeats its end token
+        done |= torch.isin(next_id, ends)
         idx = torch.cat([idx, next_id[:, None]], dim=1)
         yield next_id
         if done.all():
             break
+
+
+def until_end(ids, end_ids):
+    """The ids before the first end token."""
+    return next((ids[:i] for i, t in enumerate(ids) if t in end_ids), ids)
 
 
 def complete(model, tokenizer, prompt, max_new_tokens, **kwargs):
@@ -95,10 +108,9 @@ def complete(model, tokenizer, prompt, max_new_tokens, **kwargs):
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt) or [tokenizer.eot_id]  # an empty prompt starts a new text
     new = [int(t) for t in generate(model, torch.tensor([ids], device=device), max_new_tokens,
-                                    eot_id=tokenizer.eot_id, **kwargs)]
-    if tokenizer.eot_id in new:
-        new = new[:new.index(tokenizer.eot_id)]
-    return tokenizer.decode((ids if prompt else []) + new)  # not the end token an empty prompt starts from
+                                    end_ids=tokenizer.end_ids, **kwargs)]
+    shown = ids if prompt else []  # not the end token an empty prompt starts from
+    return tokenizer.decode(shown + until_end(new, tokenizer.end_ids))
 
 
 def load_model(path, device, dtype=torch.float32):
@@ -126,6 +138,11 @@ def check(cfg):
         ("temperature", lambda v: 0 <= v < math.inf, "is negative or not a number: use 0 for greedy or a value > 0"),
         ("top_k", lambda v: v is None or v >= 1, "must be at least 1, or None for no limit"),
         ("top_p", lambda v: 0 < v <= 1, "must be in (0, 1]: 1.0 turns nucleus sampling off")])
+    if cfg.chat and cfg.num_samples > 1:
+        raise UserError(f"chat=true gives one reply at a time, not num_samples={cfg.num_samples}: leave "
+                        f"num_samples at 1")
+    if cfg.system and not cfg.chat:
+        raise UserError("system= is the system message of a chat: add chat=true, or leave system= out")
     return pick_dtype(cfg.dtype, None)
 
 
@@ -189,17 +206,150 @@ class Printer:
             print(text[self.shown:], end="", flush=True)
             self.shown = len(text)
 
+    def finish(self):
+        """Print what is held back (bytes the sample ended in the middle of a character with), then a newline."""
+        print(self.tokenizer.decode(self.ids)[self.shown:], flush=True)
 
-def main(argv):
-    model_name, pairs, want_help = parse_args(argv, "sample.py")
-    cfg = SampleConfig()
-    apply_overrides(pairs, [cfg], "sample.py")
-    if want_help:
-        print_help(__doc__, [("keys", cfg)])
-        return
-    dtype = check(cfg)
-    device = pick_device(cfg.device)
-    model, ckpt = load_model(cfg.init_from, device, dtype=None)  # None: Hugging Face weights as stored
+
+class Chat:
+    """One conversation with an instruct model, its KV cache kept from turn to turn.
+
+    Each reply is what the model gives for the tokenizer's chat template applied to the whole
+    conversation so far, the earlier replies as text, as apply_chat_template + generate give it. The
+    cache is set up once, at the context length: a turn computes only the ids after the longest
+    common prefix of its conversation and the ids already cached (the earlier turns, mostly).
+    """
+
+    def __init__(self, model, tokenizer, cfg):
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.system = [{"role": "system", "content": cfg.system}] if cfg.system else []
+        self.turns = []  # [message, reply] of each turn so far, the oldest first
+        self.cached = []  # the ids whose keys and values the model's cache holds, from position 0
+        self.n_tokens, self.seconds = 0, 0.0  # generated, and the time it took
+        if cfg.use_cache:
+            model.setup_cache(1, model.cfg.context_length)
+
+    def reset(self):
+        self.turns = []  # the cache stays: a new conversation shares at least its first ids
+
+    def prompt_ids(self, message):
+        """The ids of the conversation with message added; when it leaves too little room for
+        max_new_tokens in the context, without its oldest turns (the system message stays)."""
+        ctx, dropped = self.model.cfg.context_length, 0
+        while True:
+            messages = self.system + [{"role": role, "content": text} for turn in self.turns
+                                      for role, text in zip(("user", "assistant"), turn)]
+            ids = self.tokenizer.chat_ids(messages + [{"role": "user", "content": message}])
+            if len(ids) + self.cfg.max_new_tokens <= ctx or not self.turns:
+                break
+            self.turns.pop(0)
+            dropped += 1
+        if dropped:
+            print(f"sample.py: note: the conversation outgrew the context length {ctx}: its {dropped} oldest "
+                  f"turn(s) were dropped", file=sys.stderr)
+        if len(ids) >= ctx:
+            raise UserError(f"the message makes a conversation of {len(ids)} tokens, more than the context "
+                            f"length {ctx}: send a shorter one")
+        return ids
+
+    def answer(self, message):
+        """Print the reply to message, streamed, then a newline; the ids generated (with the end token,
+        if it came)."""
+        ids, cfg, end_ids = self.prompt_ids(message), self.cfg, self.tokenizer.end_ids
+        ctx = self.model.cfg.context_length
+        keep = min(common_prefix(ids, self.cached), len(ids) - 1) if cfg.use_cache else None
+        idx = torch.tensor([ids], device=next(self.model.parameters()).device)
+        steps = generate(self.model, idx, min(cfg.max_new_tokens, ctx - len(ids)), cfg.temperature, cfg.top_k,
+                         cfg.top_p, end_ids, cfg.use_cache, cached=keep)
+        t0, new, printer = time.perf_counter(), [], Printer(self.tokenizer, [])  # the reply alone
+        for next_id in steps:
+            new.append(int(next_id[0]))
+            if new[-1] in end_ids:
+                break
+            printer.add(new[-1])
+        printer.finish()
+        self.n_tokens, self.seconds = self.n_tokens + len(new), self.seconds + time.perf_counter() - t0
+        self.cached = ids + new[:-1]  # the last new token was never fed to the model
+        self.turns.append([message, self.tokenizer.decode(until_end(new, end_ids))])
+        return new
+
+
+def common_prefix(a, b):
+    """How many leading ids a and b share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def typed_lines(stdin):
+    """The lines of stdin without their newline, asking with "> " on stderr when a person types them."""
+    while True:
+        if stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = stdin.readline()
+        if not line:  # the end of the input (Ctrl-D on a terminal)
+            if stdin.isatty():
+                print(file=sys.stderr)  # what comes next starts a line of its own
+            return
+        yield line.rstrip("\n")
+
+
+def chat(model, tokenizer, cfg, message=None):
+    """Answer message; without one, each line of standard input in turn, in one conversation, until
+    the end of the input ("/reset" starts a new conversation)."""
+    conversation = Chat(model, tokenizer, cfg)
+    torch.manual_seed(cfg.seed)
+    for line in [message] if message is not None else typed_lines(sys.stdin):
+        if line.strip() == "/reset":
+            conversation.reset()
+        elif line.strip() or message is not None:
+            conversation.answer(line)
+    if conversation.seconds:
+        print(f"({conversation.n_tokens} tokens in {conversation.seconds:.2f} s: "
+              f"{conversation.n_tokens / conversation.seconds:.1f} tokens/s)", file=sys.stderr)
+
+
+def continue_text(model, tokenizer, cfg):
+    """Print cfg.prompt and its continuation: streamed for one sample, else num_samples of them."""
+    ids = tokenizer.encode(cfg.prompt) or [tokenizer.eot_id]  # an empty prompt starts a new text
+    ctx = model.cfg.context_length
+    if len(ids) > ctx:
+        print(f"sample.py: note: the prompt has {len(ids)} tokens, more than the context length {ctx};"
+              f" only its last {ctx} tokens are used", file=sys.stderr)
+        ids = ids[-ctx:]
+    shown = ids if cfg.prompt else []  # the prompt as printed: not the end token an empty one starts from
+    idx = torch.tensor([ids] * cfg.num_samples, device=next(model.parameters()).device)
+    if cfg.compile:  # compile now, so that tokens/s below measures generating alone
+        t0 = time.perf_counter()
+        model = compile_for_decoding(model)
+        warmup = generate(model, idx, cfg.max_new_tokens, use_cache=cfg.use_cache)
+        next(warmup), next(warmup, None)  # the prompt, then one new token: a compiled graph each
+        print(f"(compiled in {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+
+    torch.manual_seed(cfg.seed)
+    steps = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                     tokenizer.end_ids, cfg.use_cache)
+    t0, n_tokens = time.perf_counter(), 0
+    if cfg.num_samples == 1:  # stream the text as it comes
+        print(tokenizer.decode(shown), end="", flush=True)
+        printer = Printer(tokenizer, ids)
+        for next_id in steps:
+            n_tokens += 1
+            if int(next_id[0]) in tokenizer.end_ids:
+                break
+            printer.add(int(next_id[0]))
+        printer.finish()
+    else:
+        new = torch.stack(list(steps), dim=1).tolist()  # (num_samples, steps)
+        n_tokens = len(new[0]) * cfg.num_samples
+        for i, row in enumerate(new):
+            print(f"--- sample {i + 1}\n{tokenizer.decode(shown + until_end(row, tokenizer.end_ids))}")
+    seconds = time.perf_counter() - t0
+    print(f"({n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s)", file=sys.stderr)
+
+
+def load_for_sampling(cfg, model_name, dtype):
+    """The model of init_from, in dtype (None: as stored), in eval mode and laid out for decoding, and its
+    tokenizer; refuses, in one line, a tokenizer that does not fit the model or the settings."""
+    model, ckpt = load_model(cfg.init_from, pick_device(cfg.device), dtype=None)  # None: HF weights as stored
     if model_name is not None and model_name != ckpt["model_name"]:
         raise UserError(f"--model {model_name} does not match the checkpoint, which holds a "
                         f"{ckpt['model_name']} model: leave --model out")
@@ -210,47 +360,30 @@ def main(argv):
     if cfg.top_k is not None and cfg.top_k > tokenizer.vocab_size:
         raise UserError(f"top_k={cfg.top_k} must be between 1 and the vocabulary size {tokenizer.vocab_size},"
                         f" or None for no limit")
+    if cfg.chat and tokenizer.chat_template is None:
+        raise UserError(f"{cfg.init_from} has no chat template (its tokenizer: {ckpt['tokenizer']}): chat=true "
+                        f"needs an instruct model, whose tokenizer has one as Llama-3.2-1B-Instruct's does; pass "
+                        f"such a model as init_from=, or leave chat= out to continue a text")
     if dtype is not None:
         model = model.to(dtype)
-    model = lay_out_for_decoding(model.eval())
+    return lay_out_for_decoding(model.eval()), tokenizer
 
-    ids = tokenizer.encode(cfg.prompt) or [tokenizer.eot_id]  # an empty prompt starts a new text
-    ctx = model.cfg.context_length
-    if len(ids) > ctx:
-        print(f"sample.py: note: the prompt has {len(ids)} tokens, more than the context length {ctx};"
-              f" only its last {ctx} tokens are used", file=sys.stderr)
-        ids = ids[-ctx:]
-    shown = ids if cfg.prompt else []  # the prompt as printed: not the end token an empty one starts from
-    idx = torch.tensor([ids] * cfg.num_samples, device=device)
-    if cfg.compile:  # compile now, so that tokens/s below measures generating alone
-        t0 = time.perf_counter()
+
+def main(argv):
+    model_name, pairs, want_help = parse_args(argv, "sample.py")
+    cfg = SampleConfig()
+    apply_overrides(pairs, [cfg], "sample.py")
+    if want_help:
+        print_help(__doc__, [("keys", cfg)])
+        return
+    dtype = check(cfg)
+    model, tokenizer = load_for_sampling(cfg, model_name, dtype)
+    if not cfg.chat:
+        continue_text(model, tokenizer, cfg)
+        return
+    if cfg.compile:  # compiled on the first turn
         model = compile_for_decoding(model)
-        warmup = generate(model, idx, cfg.max_new_tokens, use_cache=cfg.use_cache)
-        next(warmup), next(warmup, None)  # the prompt, then one new token: a compiled graph each
-        print(f"(compiled in {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-
-    torch.manual_seed(cfg.seed)
-    steps = generate(model, idx, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                     tokenizer.eot_id, cfg.use_cache)
-    t0, n_tokens = time.perf_counter(), 0
-    if cfg.num_samples == 1:  # stream the text as it comes
-        print(tokenizer.decode(shown), end="", flush=True)
-        printer = Printer(tokenizer, ids)
-        for next_id in steps:
-            n_tokens += 1
-            if next_id[0] == tokenizer.eot_id:
-                break
-            printer.add(int(next_id[0]))
-        print()
-    else:
-        new = torch.stack(list(steps), dim=1).tolist()  # (num_samples, steps)
-        n_tokens = len(new[0]) * cfg.num_samples
-        for i, row in enumerate(new):
-            if tokenizer.eot_id in row:
-                row = row[:row.index(tokenizer.eot_id)]
-            print(f"--- sample {i + 1}\n{tokenizer.decode(shown + row)}")
-    seconds = time.perf_counter() - t0
-    print(f"({n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s)", file=sys.stderr)
+    chat(model, tokenizer, cfg, cfg.prompt if "prompt" in pairs else None)  # no prompt=: standard input
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@ The sections follow the files under test in the order a reader meets them:
   1. the model files gpt2.py, llama2.py, llama3.py: parameter counts, shapes, causality, the KV cache,
      and the fast paths beside the readable one (flash attention, last_only, torch.compile);
   2. common.py: the key=value command line, the GPT-2 tokenizer, checkpoint files;
-  3. sample.py: generation and sampling, load_model;
+  3. sample.py: generation and sampling, every end token, chat with the KV cache kept, load_model;
   4. load_hf.py: GPT-2 and Llama weights from Hugging Face folders, and our checkpoints exported to them;
   5. data/prepare.py: the token cache (a memmap) and the training windows; data/instructions.py: the
      Alpaca prompt, the masked loss, the split;
   6. train.py: training runs, starting from pretrained weights or a checkpoint, instruction finetuning and
      LoRA, resuming, DDP and FSDP;
   7. end to end: the scripts in subprocesses, as a user runs them.
+  8. on a GPU: the CUDA paths of the above (skipped, with the reason, where there is no GPU).
 
 It imports the three model files, common, sample, load_hf, train, data.prepare and data.instructions, and transformers
 for its GPT2LMHeadModel, LlamaForCausalLM and tokenizers to compare against. Nothing is downloaded:
@@ -579,7 +580,8 @@ def test_checkpoint_round_trip(tmp_path):
 
 # ===== 3. sample.py: generation, sampling, load_model ==================================================
 # generate with and without the KV cache (past the context too), each row of a batch stopping at
-# end of text, top_k and top_p, seeds; then sample.py's bad input, load_model's included.
+# any end token, top_k and top_p, seeds; chat through a chat template, the KV cache kept between
+# turns; then sample.py's bad input, load_model's included.
 
 
 # ---- generation
@@ -613,12 +615,14 @@ def test_llama_generate_same_with_and_without_cache(module, overrides, batch):
 
 
 class ScriptedModel(torch.nn.Module):
-    """Stands in for a model: row r emits token r + 1 until step eot_at[r], then the end token."""
+    """Stands in for a model: row r emits token r + 1 until step eot_at[r], then the end token eot_id
+    (one for all rows, or a list: row r's)."""
 
     def __init__(self, eot_at, eot_id=9):
         super().__init__()
         self.cfg = gpt2.Config(vocab_size=10, context_length=32)
-        self.eot_at, self.eot_id, self.weight = eot_at, eot_id, torch.nn.Parameter(torch.zeros(1))
+        self.eot_at, self.weight = eot_at, torch.nn.Parameter(torch.zeros(1))
+        self.eot_id = eot_id if isinstance(eot_id, list) else [eot_id] * len(eot_at)
 
     def setup_cache(self, batch_size, max_len):
         pass
@@ -627,19 +631,48 @@ class ScriptedModel(torch.nn.Module):
         logits = torch.zeros(idx.shape[0], idx.shape[1], 10)
         for r, step in enumerate(self.eot_at):
             new = idx.shape[1] + start_pos - 1  # tokens generated so far (prompt: 1 token)
-            logits[r, -1, self.eot_id if new >= step else r + 1] = 1.0
+            logits[r, -1, self.eot_id[r] if new >= step else r + 1] = 1.0
         return logits
 
 
-def test_batched_generation_stops_each_row_at_end_of_text():
-    model = ScriptedModel(eot_at=[2, 5, 100])
-    out = torch.stack(list(sample.generate(model, torch.zeros(3, 1, dtype=torch.long), 8, eot_id=9)), 1)
-    assert out[0].tolist() == [1, 1, 9, 9, 9, 9, 9, 9]  # row 0 ended, and stays ended
-    assert out[1].tolist() == [2, 2, 2, 2, 2, 9, 9, 9]
-    assert out[2].tolist() == [3] * 8
-    done = list(sample.generate(ScriptedModel(eot_at=[2, 3]), torch.zeros(2, 1, dtype=torch.long), 50,
-                               eot_id=9))
-    assert len(done) == 4  # stops as soon as every row has ended
+def _scripted(eot_at, eot_id, end_ids, steps=8):
+    model, prompt = ScriptedModel(eot_at, eot_id), torch.zeros(len(eot_at), 1, dtype=torch.long)
+    return torch.stack(list(sample.generate(model, prompt, steps, end_ids=end_ids)), 1).tolist()
+
+
+@pytest.mark.parametrize("end", [7, 8, 9])
+def test_batched_generation_stops_each_row_at_any_end_token(end):
+    out = _scripted([2, 5, 100], end, end_ids=(7, 8, 9))  # as generation_config.json lists them
+    assert out[0] == [1, 1, end, end, end, end, end, end]  # row 0 ended, and stays ended
+    assert out[1] == [2, 2, 2, 2, 2, end, end, end]
+    assert out[2] == [3] * 8
+    done = _scripted([2, 3], end, end_ids=(7, 8, 9), steps=50)
+    assert len(done[0]) == 4  # stops as soon as every row has ended
+
+
+def test_rows_ending_at_different_end_tokens_and_an_unlisted_one():
+    out = _scripted([1, 3, 2], [8, 7, 9], end_ids=(7, 8))  # row 2 emits 9, which is not listed
+    assert out[0] == [1, 8, 8, 8, 8, 8, 8, 8] and out[1] == [2, 2, 2, 7, 7, 7, 7, 7]  # each repeats its own
+    assert out[2] == [3, 3, 9, 9, 9, 9, 9, 9]  # generated on to max_new_tokens: 9 is an ordinary token here
+    assert len(_scripted([1, 3], [8, 7], end_ids=(7, 8), steps=50)[0]) == 4
+    assert sample.until_end([3, 9, 7, 8, 2], (7, 8)) == [3, 9] and sample.until_end([1, 2], (7,)) == [1, 2]
+
+
+def test_end_tokens_come_from_generation_config_and_the_tokenizer(tmp_path, story):
+    """The tokenizer's eos alone without generation_config.json; with it, its list (or one id) and the
+    tokenizer's; load_hf.py's copy of the tokenizer keeps the file."""
+    folder = tmp_path / "hf-llama"
+    _llama_tokenizer(folder, open(story).read())  # eos </s>: id 2
+    assert common.load_tokenizer(str(folder)).end_ids == (2,)
+    for eos, expected in ((None, (2,)), (7, (7, 2)), ([5, 2, 6], (5, 2, 6)), ([5, 7, 6], (5, 7, 6, 2))):
+        write(folder / "generation_config.json", json.dumps({"bos_token_id": 1, "eos_token_id": eos}))
+        tokenizer = common.load_tokenizer(str(folder))
+        assert tokenizer.end_ids == expected
+    assert _scripted([3], 7, tokenizer.end_ids, steps=20) == [[1, 1, 1, 7]]  # the second listed one ends it
+    assert tokenizer.save(str(tmp_path / "out")) == "tokenizer"
+    copy = common.load_tokenizer(str(tmp_path / "out" / "tokenizer"))
+    assert copy.end_ids == (5, 7, 6, 2)
+    assert common.load_tokenizer("gpt2").end_ids == (50256,)
 
 
 def test_top_k_and_top_p_keep_only_the_likely_tokens():
@@ -666,6 +699,137 @@ def test_same_seed_same_sample():
     assert not torch.equal(draw(1), draw(2))
 
 
+# ---- chat
+# Instruct folders built here: a random LlamaForCausalLM, a small tokenizer trained on the story with a
+# chat template of Llama 3's kind (header and end tokens special, in chat_template.jinja) or Llama 2's
+# ([INST] ... [/INST], in tokenizer_config.json), and a generation_config.json listing the end tokens.
+# Replies are compared with transformers' apply_chat_template + generate, token for token.
+
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # Llama 3's pre-tokenizer: "\n\n" stays a piece of its own
+_CHAT_TEMPLATES = {
+    "llama3": "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+              "{{ m['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
+    "llama2": "{% if messages[0]['role'] == 'system' %}{% set system = '<<SYS>>\n' + messages[0]['content'] + "
+              "'\n<</SYS>>\n\n' %}{% set messages = messages[1:] %}{% else %}{% set system = '' %}{% endif %}"
+              "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + (system if "
+              "loop.first else '') + m['content'] | trim + ' [/INST]' }}{% else %}{{ ' ' + m['content'] | trim"
+              " + ' ' + eos_token }}{% endif %}{% endfor %}",
+}
+_CHAT = ["Hello there, painter", "Why the sea?", "She laughed at the light", "Every effort, you said"]
+
+
+def _chat_tokenizer(folder, text, style):
+    """A tokenizer with the chat template of style, saved into folder: for llama3 a byte-level BPE with
+    Llama 3's pre-tokenizer and special tokens (<|eot_id|> its eos), for llama2 _llama_tokenizer's."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    if style == "llama2":
+        hf = _llama_tokenizer(folder, text + "\n[INST] <<SYS>>\n<</SYS>>\n\n [/INST]" * 20)
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+        special = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                   "<|eom_id|>", "<|eot_id|>"]
+        tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=special,
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    hf.chat_template = _CHAT_TEMPLATES[style]
+    hf.save_pretrained(folder, save_jinja_files=style == "llama3")  # Llama 2's in tokenizer_config.json
+    return hf
+
+
+def _instruct_folder(folder, text, style="llama3", context=256, template=True):
+    """A random instruct model of style in folder, as a Hugging Face folder: (the model, its tokenizer).
+    generation_config.json lists Llama 3's three end tokens, or Llama 2's one (an int)."""
+    from transformers import GenerationConfig
+    tokenizer = _chat_tokenizer(folder, text, style)
+    ends = (tokenizer.convert_tokens_to_ids(["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"])
+            if style == "llama3" else tokenizer.eos_token_id)
+    kwargs = {**_LLAMA_HF_CONFIGS["llama3-gqa" if style == "llama3" else "llama2-gqa"][2],
+              "max_position_embeddings": context}
+    config = LlamaConfig(**{**_LLAMA_SMALL, "vocab_size": len(tokenizer)}, **kwargs, attn_implementation="eager",
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = _llama_randomize(LlamaForCausalLM(config), seed=6).eval()
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=ends)
+    model.save_pretrained(folder)
+    if not template:  # a base model's folder
+        os.remove(folder / "chat_template.jinja")
+    return model, tokenizer
+
+
+def _hf_reply(model, tokenizer, messages, max_new_tokens):
+    """transformers' greedy reply to messages: (the conversation's ids, the reply's, its end token included)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         do_sample=False, max_new_tokens=max_new_tokens)
+    return ids, out[0, len(ids):].tolist()
+
+
+def _hf_text(tokenizer, reply):
+    """A reply as text: up to its end token, special tokens skipped."""
+    ends = tokenizer.convert_tokens_to_ids(["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>", "</s>"])
+    return tokenizer.decode(sample.until_end(reply, ends), skip_special_tokens=True)
+
+
+def _messages(system, turns, message):
+    """The conversation of (message, reply) turns, then message, as the template takes it."""
+    return ([{"role": "system", "content": system}] if system else []) + [
+        {"role": role, "content": text} for turn in turns for role, text in zip(("user", "assistant"), turn)] + [
+        {"role": "user", "content": message}]
+
+
+@pytest.mark.parametrize("style", ["llama3", "llama2"])
+def test_chat_second_turn_computes_only_the_new_tokens(tmp_path, story, style, capsys):
+    """Each turn gives transformers' reply; the second is computed from the first's cache on its new
+    tokens alone, and equals a fresh run of the whole conversation."""
+    theirs, hf_tokenizer = _instruct_folder(tmp_path / "instruct", open(story).read(), style)
+    model, ckpt = sample.load_model(str(tmp_path / "instruct"), "cpu")
+    calls = []  # (ids, start_pos) of each call of the model
+    model.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args[0][0].tolist(), kwargs["start_pos"])),
+                                    with_kwargs=True)
+    cfg = sample.SampleConfig(chat=True, temperature=0, max_new_tokens=10, system="Answer briefly.")
+    chat = sample.Chat(model.eval(), common.load_tokenizer(ckpt["tokenizer"]), cfg)
+    first = chat.answer(_CHAT[0])
+    ids1, theirs1 = _hf_reply(theirs, hf_tokenizer, _messages(cfg.system, [], _CHAT[0]), 10)
+    assert first == theirs1 and calls[0] == (ids1, 0)
+    calls.clear()
+    second = chat.answer(_CHAT[1])
+    history = [(_CHAT[0], _hf_text(hf_tokenizer, theirs1))]
+    ids2, theirs2 = _hf_reply(theirs, hf_tokenizer, _messages(cfg.system, history, _CHAT[1]), 10)
+    assert second == theirs2
+    cached = ids1 + first[:-1]  # what the first turn left in the cache: its last token was never fed
+    keep = next(i for i, (a, b) in enumerate(zip(ids2 + [-1], cached + [-2])) if a != b)
+    assert keep >= len(ids1)  # nothing of the first turn is computed again
+    assert calls[0] == (ids2[keep:], keep)  # the new turn's tokens alone, then one token a step
+    assert [len(ids) for ids, _ in calls[1:]] == [1] * (len(second) - 1)
+
+    fresh = sample.Chat(model, chat.tokenizer, cfg)
+    fresh.turns = [list(turn) for turn in chat.turns[:1]]
+    calls.clear()
+    assert fresh.answer(_CHAT[1]) == second and calls[0] == (ids2, 0)  # all of it computed: the same reply
+    replies = [_hf_text(hf_tokenizer, r) for r in (theirs1, theirs2, theirs2)]
+    assert capsys.readouterr().out == "".join(r + "\n" for r in replies)
+
+
+def test_chat_drops_the_oldest_turns_when_the_context_is_full(tmp_path, story, capsys):
+    folder = tmp_path / "instruct"
+    theirs, hf_tokenizer = _instruct_folder(folder, open(story).read(), context=96)
+    model, ckpt = sample.load_model(str(folder), "cpu")
+    cfg = sample.SampleConfig(chat=True, temperature=0, max_new_tokens=8, system="Answer briefly.")
+    chat = sample.Chat(model.eval(), common.load_tokenizer(ckpt["tokenizer"]), cfg)
+    for message in _CHAT:
+        reply = chat.answer(message)
+        ids, expected = _hf_reply(theirs, hf_tokenizer, _messages(cfg.system, chat.turns[:-1], message), 8)
+        assert reply == expected and len(ids) + 8 <= 96  # the system message stays, the turns kept fit
+    assert "sample.py: note: the conversation outgrew the context length 96" in capsys.readouterr().err
+    assert len(chat.turns) < len(_CHAT) and chat.turns[-1][0] == _CHAT[-1]
+
+
 # ---- bad input (the table's columns: see bad_input_table at the top)
 
 def _one_layer_checkpoint(tmp):
@@ -674,6 +838,21 @@ def _one_layer_checkpoint(tmp):
     common.save_checkpoint({"model": model.state_dict(), "model_name": "gpt2",
                            "model_config": model.cfg.__dict__, "tokenizer": "gpt2"}, str(tmp / "ckpt.pt"))
     return str(tmp)
+
+
+_NO_SYSTEM = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+
+
+def _instruct(tmp, template=True, ends=None):
+    """An instruct folder of section ---- chat: template False, without its chat template; a str, with
+    that template; ends, with generation_config.json holding it (bytes: the file; else its eos_token_id)."""
+    _instruct_folder(tmp / "instruct", open(write_story(tmp)).read(), template=template is not False)
+    if isinstance(template, str):
+        write(tmp / "instruct" / "chat_template.jinja", template)
+    if ends is not None:
+        write(tmp / "instruct" / "generation_config.json",
+              ends if isinstance(ends, bytes) else json.dumps({"eos_token_id": ends}))
+    return str(tmp / "instruct")
 
 
 def _corrupt_checkpoint(tmp):
@@ -716,6 +895,30 @@ _SAMPLE_BAD_INPUT = [
      "^num_samples=0 must be at least 1"),
     ("dtype-before-loading", "call", lambda tmp: sample.main(["dtype=float8", "init_from=/no/such/dir"]),
      "^dtype=float8 is not supported"),
+    # chat=true (instruct folders: see ---- chat above)
+    ("run-chat-without-template", "run",
+     lambda tmp: ["chat=true", "prompt=Hi", f"init_from={_one_layer_checkpoint(tmp)}"],
+     r"^\S+ has no chat template \(its tokenizer: gpt2\): chat=true needs an instruct model, whose tokenizer "
+     r"has one .*; pass such a model as init_from=, or leave chat= out"),
+    ("chat-base-llama", "call", lambda tmp: sample.main(["chat=true", f"init_from={_instruct(tmp, template=False)}"]),
+     "^{tmp}/instruct has no chat template \\(its tokenizer: {tmp}/instruct\\)"),
+    ("chat-num_samples", "call", lambda tmp: sample.main(["chat=true", "num_samples=2", "init_from=/no/such/dir"]),
+     "^chat=true gives one reply at a time, not num_samples=2: leave num_samples at 1$"),
+    ("system-without-chat", "call", lambda tmp: sample.main(["system=Be brief.", "init_from=/no/such/dir"]),
+     "^system= is the system message of a chat: add chat=true"),
+    ("chat-message-too-long", "call",
+     lambda tmp: sample.main(["chat=true", f"prompt={'sea ' * 300}", f"init_from={_instruct(tmp)}"]),
+     r"^the message makes a conversation of \d+ tokens, more than the context length 256: send a shorter one$"),
+    ("chat-template-refuses-system", "call",
+     lambda tmp: sample.main(["chat=true", "prompt=Hi", "system=Be brief.",
+                              f"init_from={_instruct(tmp, template=_NO_SYSTEM)}"]),
+     r"^the chat template of {tmp}/instruct cannot format this conversation \(TemplateError: System role not "
+     r"supported\): leave system= out if the model takes none"),
+    ("generation-config-not-json", "call", lambda tmp: sample.main([f"init_from={_instruct(tmp, ends=b'{not json')}"]),
+     r"^cannot read the end tokens in {tmp}/instruct/generation_config.json \(JSONDecodeError\): copy the "
+     r"model's generation_config.json again, or delete it"),
+    ("generation-config-names", "call", lambda tmp: sample.main([f"init_from={_instruct(tmp, ends='</s>')}"]),
+     r"^cannot read the end tokens in {tmp}/instruct/generation_config.json \(ValueError\)"),
 ]
 
 
@@ -1988,7 +2191,7 @@ def test_train_under_torchrun_says_bad_input_once(tmp_path):
 
 # ===== 7. End to end: the scripts in subprocesses, as a user runs them =================================
 # train.py then sample.py; load_hf.py then sample.py; train.py, load_hf.py to=hf, then sample.py; a Llama
-# folder with its own tokenizer.
+# folder with its own tokenizer; chat with an instruct folder, one turn and two from standard input.
 
 def test_train_then_sample_end_to_end(tmp_path, story):
     out = tmp_path / "out"
@@ -2130,3 +2333,215 @@ def test_llama_folder_with_tokenizer_end_to_end(tmp_path, story):
     resumed = torch.load(trained / "ckpt.pt", weights_only=True)
     assert resumed["model_name"] == "llama2" and resumed["step"] == 2 * ckpt["step"] > 0
     assert resumed["tokenizer"] == "tokenizer" and os.path.isfile(trained / "tokenizer" / "tokenizer.json")
+
+
+@pytest.mark.parametrize("style", ["llama3", "llama2"])
+def test_chat_with_an_instruct_folder_end_to_end(tmp_path, story, style, capsys):
+    """sample.py chat=true gives transformers' replies: one turn (prompt=) on the folder and on
+    load_hf.py's conversion of it, which keeps the template and the end tokens; then, in a subprocess,
+    two turns from standard input with a system message, and /reset starting the conversation again."""
+    folder, out = tmp_path / "instruct", tmp_path / "converted"
+    theirs, hf_tokenizer = _instruct_folder(folder, open(story).read(), style)
+    args = ["chat=true", "temperature=0", "max_new_tokens=10", "top_k=None"]
+    one_turn = _hf_text(hf_tokenizer, _hf_reply(theirs, hf_tokenizer, _messages("", [], _CHAT[0]), 10)[1]) + "\n"
+    sample.main([f"init_from={folder}", f"prompt={_CHAT[0]}", *args])
+    assert capsys.readouterr().out == one_turn
+    load_hf.main([str(folder), f"out_dir={out}"])
+    assert os.path.isfile(out / "tokenizer" / "generation_config.json")
+    assert common.load_tokenizer(str(out / "tokenizer")).end_ids == common.load_tokenizer(str(folder)).end_ids
+    capsys.readouterr()
+    sample.main([f"init_from={out}", f"prompt={_CHAT[0]}", *args])
+    assert capsys.readouterr().out == one_turn
+
+    system, turns = "Answer briefly.", []
+    for message in _CHAT[:2]:
+        reply = _hf_reply(theirs, hf_tokenizer, _messages(system, turns, message), 10)[1]
+        turns.append((message, _hf_text(hf_tokenizer, reply)))
+    result = subprocess.run([sys.executable, "sample.py", f"init_from={folder}", f"system={system}", *args],
+                            input=f"{_CHAT[0]}\n{_CHAT[1]}\n\n/reset\n{_CHAT[0]}\n", cwd=HERE,
+                            env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "".join(reply + "\n" for reply in (turns[0][1], turns[1][1], turns[0][1]))
+    assert "> " not in result.stderr and "tokens/s" in result.stderr  # no prompt: stdin is not a terminal
+
+
+# ===== 8. On a GPU (skipped without CUDA) ===============================================================
+# The CUDA paths of everything above, on a GPU: the same logits as the CPU, flash against einsum, the
+# KV cache and compiled decoding against the readable path, a bfloat16 + flash + compiled train.py run
+# that resumes exactly, torchrun with nccl, and sample.py on its checkpoint. Without a GPU, CI reports
+# them skipped; README "On a GPU" gives the command that runs them together with bench.py.
+
+_GPU = "cuda"
+_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (README: On a GPU)")
+_GPU_HF_MODELS = ["gpt2", "llama2-gqa", "llama3.1-scaled-mqa", "llama3.2-scaled-tied"]
+# _TINY_RUN on the GPU, with the fast paths a GPU user turns on
+_GPU_RUN = [arg for arg in _TINY_RUN if not arg.startswith(("device=", "dtype="))] + [
+    f"device={_GPU}", "dtype=bfloat16", "flash=true", "compile=true"]
+
+
+def _gpu_folder(name, tmp_path):
+    """A small random Hugging Face folder (GPT-2 of _HF_SMALL, or a Llama of _LLAMA_HF_CONFIGS) and a
+    batch of 2 prompts for it."""
+    if name == "gpt2":
+        theirs, folder = _hf_save(tmp_path, **_HF_SMALL)
+        seq_len = 64
+    else:
+        theirs, _, seq_len = _llama_hf(name)
+        theirs.save_pretrained(tmp_path)
+        folder = str(tmp_path)
+    return folder, _llama_ids(theirs, 2, seq_len)
+
+
+@_cuda
+@pytest.mark.parametrize("name", _GPU_HF_MODELS)
+def test_gpu_logits_equal_the_cpus(name, tmp_path):
+    """The models load_hf.py checks against transformers (sections 1 and 4), loaded onto the GPU."""
+    folder, idx = _gpu_folder(name, tmp_path)
+    # bfloat16: 0.1, the tolerance of test_llama_bfloat16_close_to_transformers. Its 8-bit mantissa moves
+    # these logits by ~0.07 from float32, so two right bfloat16 results that sum in another order (the
+    # GPU's kernels, the CPU's) may differ by about as much.
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 0.1)):
+        cpu, _ = load_hf.load(folder, "cpu", dtype)
+        gpu, _ = load_hf.load(folder, _GPU, dtype)
+        assert {p.device.type for p in gpu.parameters()} == {torch.device(_GPU).type}
+        with torch.no_grad():
+            expected, got = cpu.eval()(idx), gpu.eval()(idx.to(_GPU)).cpu()
+        diff = _llama_max_diff(got, expected)
+        print(f"{name}, {dtype}: max |GPU - CPU logits| {diff:.2e}")
+        assert diff < tolerance, (dtype, diff)
+
+
+@_cuda
+@pytest.mark.parametrize("name", list(_FAST_MODELS))
+def test_gpu_flash_equals_einsum(name):
+    """float32 as section 1 checks it; bfloat16, where F.scaled_dot_product_attention takes the GPU's
+    flash kernel (in float32 it takes another), against einsum in bfloat16."""
+    idx = _fast_ids(3, 16).to(_GPU)
+    einsum, flash = _fast_model(name).to(_GPU), _fast_model(name, flash=True).to(_GPU)
+    with torch.no_grad():
+        assert _llama_max_diff(einsum(idx), flash(idx)) < 1e-5
+        for model in (einsum, flash):  # the cached path, through the explicit mask
+            model.setup_cache(3, 16)
+            model(idx[:, :10], start_pos=0, use_cache=True)
+        cached = [model(idx[:, 10:], start_pos=10, use_cache=True) for model in (einsum, flash)]
+        assert _llama_max_diff(*cached) < 1e-5
+        reference = einsum(idx)
+        einsum.to(torch.bfloat16)
+        flash.to(torch.bfloat16)
+        got, expected = flash(idx), einsum(idx)
+    print(f"{name}: bfloat16 flash against einsum {_llama_max_diff(got, expected):.3f}, against float32 "
+          f"{_llama_max_diff(got, reference):.3f} (logits up to {reference.abs().max().item():.1f})")
+    assert _llama_max_diff(got, expected) < 0.1  # bfloat16: as in test_gpu_logits_equal_the_cpus, and why
+
+
+@_cuda
+@pytest.mark.parametrize("name", list(_FAST_MODELS))
+def test_gpu_greedy_with_the_cache_equals_without(name):
+    idx = _fast_ids(3, 6)  # 6 + 30 tokens: the 16-token window slides 20 times
+    expected = _fast_greedy(_fast_model(name), idx, 30, use_cache=False)  # the readable path, on the CPU
+    for flash in (False, True):
+        model = _fast_model(name, flash).to(_GPU)
+        assert torch.equal(_fast_greedy(model, idx.to(_GPU), 30).cpu(), expected), flash
+        assert torch.equal(_fast_greedy(model, idx.to(_GPU), 30, use_cache=False).cpu(), expected), flash
+
+
+@_cuda
+@pytest.mark.parametrize("name", ["gpt2", "llama3.1-scaled-mqa"])
+def test_gpu_compiled_decoding_equals_eager(name):
+    """sample.py compile=true on the GPU (torch.compile, dynamic shapes), as section 1 checks it on the CPU."""
+    model = _fast_model(name).to(_GPU)
+    idx = _fast_ids(3, 6).to(_GPU)
+    expected = _fast_greedy(model, idx, 14, use_cache=False)  # 6 + 14 tokens: past the context
+    compiled = sample.compile_for_decoding(_fast_model(name).to(_GPU))
+    assert torch.equal(_fast_greedy(compiled, idx, 14), expected)
+    with torch.no_grad():
+        full = model(idx)
+        compiled.setup_cache(3, 16)  # the size generate used: a new size would compile again
+        prefill = compiled(idx[:, :5], start_pos=0, use_cache=True, last_only=True)
+        step = compiled(idx[:, 5:], start_pos=5, use_cache=True, last_only=True)
+    assert (prefill[:, 0] - full[:, 4]).abs().max() < 1e-4
+    assert (step[:, 0] - full[:, 5]).abs().max() < 1e-4
+
+
+@pytest.fixture
+def _gpu_deterministic(monkeypatch):
+    """Deterministic kernels for the test. On a GPU, atomic adds (the embedding's gradient, flash
+    attention's backward) make two runs of the same steps differ in their last bits; with these, a
+    run repeats bit for bit, so a difference after resuming can only come from the resume."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic workspace
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+@_cuda
+@pytest.mark.usefixtures("_gpu_deterministic")
+def test_gpu_train_bfloat16_flash_compile_loss_falls_and_resumes_exactly(tmp_path, monkeypatch):
+    """test_scale_resume_is_exact on the GPU, with bfloat16 autocast, flash attention and torch.compile."""
+    args = [*_GPU_RUN, f"data={write_story(tmp_path)}", "lr=3e-3", "batch_size=4", "dropout=0.1", "max_iters=8",
+            "eval_interval=4", "ckpt_interval=4"]
+    train.main([*args, f"out_dir={tmp_path / 'whole'}"])
+    whole = _read_ckpt(tmp_path / "whole")
+    losses = whole["history"]["step_loss"]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 1.0, losses
+    assert whole["history"]["train"][-1] < whole["history"]["train"][0] - 0.5  # steps 4 and 8
+    assert whole["train_config"]["dtype"] == "bfloat16" and whole["train_config"]["compile"]
+    assert {w.dtype for w in whole["model"].values()} == {torch.float32}  # autocast: float32 weights
+    assert "cuda" in whole["rng"][0]  # the GPU's random state too, for dropout
+
+    save = common.save_checkpoint
+
+    def save_then_stop(checkpoint, path):
+        save(checkpoint, path)
+        raise _ScaleStop
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
+    with pytest.raises(_ScaleStop):
+        train.main([*args, f"out_dir={tmp_path / 'halves'}"])
+    assert _read_ckpt(tmp_path / "halves")["step"] == 4
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    train.main([*args, "init_from=resume", f"out_dir={tmp_path / 'halves'}"])
+    halves = _read_ckpt(tmp_path / "halves")
+    assert halves["step"] == 8 and halves["history"] == whole["history"]  # every loss, bit for bit
+    for name, weight in whole["model"].items():
+        assert torch.equal(weight, halves["model"][name]), name
+    for name, state in whole["optimizer"]["state"].items():
+        assert all(torch.equal(v, halves["optimizer"]["state"][name][k]) for k, v in state.items())
+
+
+@pytest.fixture(scope="module")
+def _gpu_torchrun(tmp_path_factory):
+    """train.py under torchrun, one process on the GPU: bfloat16, flash, compile; NCCL says what it sets up."""
+    tmp = tmp_path_factory.mktemp("gpu-torchrun")
+    out = tmp / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py",
+         *_GPU_RUN, f"data={write_story(tmp)}", "lr=3e-3", "max_iters=12", "batch_size=4", f"out_dir={out}"],
+        cwd=HERE, capture_output=True, text=True, timeout=600, env={**os.environ, "NCCL_DEBUG": "INFO"})
+    return result, out
+
+
+@_cuda
+def test_gpu_torchrun_one_process_nccl_trains(_gpu_torchrun):
+    result, out = _gpu_torchrun
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "cuda:0 bfloat16, 1 processes" in result.stdout  # the process's GPU, under DDP
+    assert "NCCL INFO" in result.stdout + result.stderr  # the backend is nccl
+    ckpt = _read_ckpt(out)
+    losses = ckpt["history"]["step_loss"]
+    assert ckpt["step"] == 12 and losses[-1] < losses[0] - 1.0, losses
+    assert len(ckpt["rng"]) == 1 and "cuda" in ckpt["rng"][0]
+
+
+@_cuda
+def test_gpu_sample_py_on_the_checkpoint(_gpu_torchrun, tmp_path):
+    """sample.py on the GPU, eager and compile=true, prints what it prints on the CPU (greedy)."""
+    _, out = _gpu_torchrun
+    args = [f"init_from={out}", "prompt=The painter", "temperature=0", "max_new_tokens=20"]
+    texts = {}
+    for device, extra in (("cpu", []), (_GPU, []), (_GPU, ["compile=true"])):
+        result = run_script("sample.py", *args, f"device={device}", *extra, env=offline_env(tmp_path))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.startswith("The painter") and "tokens/s" in result.stderr
+        texts[(device, *extra)] = result.stdout
+    assert len(set(texts.values())) == 1, texts
