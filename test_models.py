@@ -1710,8 +1710,8 @@ def _answers(model, tokenizer, prompt_format):
     answers = {}
     for instruction in _ANSWERS:
         ids = instructions.prompt_ids(tokenizer, prompt_format, instruction)
-        new = [int(t) for t in sample.generate(model, torch.tensor([ids]), 12, eot_id=tokenizer.eot_id)]
-        answers[instruction] = tokenizer.decode(new[:new.index(tokenizer.eot_id)] if tokenizer.eot_id in new else new)
+        new = [int(t) for t in sample.generate(model, torch.tensor([ids]), 12, end_ids=tokenizer.end_ids)]
+        answers[instruction] = tokenizer.decode(sample.until_end(new, tokenizer.end_ids))
     return answers
 
 

@@ -44,7 +44,7 @@ from common import (MODELS, UserError, apply_overrides, check_model_config, chec
                     read_checkpoint, run, save_checkpoint)
 from data.instructions import IGNORE, is_instruction_data
 from data.prepare import VERDICT, read_splits, schedule, tokenize_corpus
-from sample import complete, generate
+from sample import complete, generate, until_end
 
 
 @dataclass
@@ -370,8 +370,8 @@ def evaluation_sample(model, tokenizer, val, prompt):
     if val.format is None:
         return complete(model, tokenizer, prompt, 50)
     new = generate(model, torch.tensor([val.prompt(0)], device=next(model.parameters()).device), 50,
-                   eot_id=tokenizer.eot_id)
-    return "response: " + tokenizer.decode([t for t in map(int, new) if t != tokenizer.eot_id])
+                   end_ids=tokenizer.end_ids)
+    return "response: " + tokenizer.decode(until_end([int(t) for t in new], tokenizer.end_ids))
 
 
 def lr_at(step, total_steps, cfg):

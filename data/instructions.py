@@ -44,30 +44,24 @@ def alpaca_prompt(instruction, input=""):
     return text + "\n\n### Response:\n"
 
 
-def has_chat_template(tokenizer):
-    hf = getattr(tokenizer, "hf", None)  # common.HFTokenizer's transformers tokenizer; GPT-2's has none
-    return hf is not None and bool(hf.chat_template)
-
-
 def prompt_format(tokenizer):
     """The prompt format a model with this tokenizer is trained with: its chat template, if it has one."""
-    return "chat_template" if has_chat_template(tokenizer) else "alpaca"
+    return "chat_template" if tokenizer.chat_template else "alpaca"
 
 
 def user_message(instruction, input=""):
     return [{"role": "user", "content": f"{instruction}\n\n{input}" if input else instruction}]
 
 
-def chat_ids(tokenizer, messages, add_generation_prompt=False):
-    """The messages as the tokenizer's chat template lays them out, tokenized."""
-    return list(tokenizer.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                 tokenize=True, return_dict=False))
+def conversation_ids(tokenizer, messages):
+    """The whole conversation as the tokenizer's chat template lays it out, the last reply closed."""
+    return list(tokenizer.hf.apply_chat_template(messages, tokenize=True, return_dict=False))
 
 
 def prompt_ids(tokenizer, format, instruction, input=""):
     """The token ids the model continues to answer an instruction, in the prompt format it was trained with."""
     if format == "chat_template":
-        return chat_ids(tokenizer, user_message(instruction, input), add_generation_prompt=True)
+        return list(tokenizer.chat_ids(user_message(instruction, input)))  # as sample.py's chat lays it out
     return tokenizer.encode(alpaca_prompt(instruction, input))
 
 
@@ -119,8 +113,7 @@ def encode(tokenizer, format, example):
     if format == "chat_template":
         messages = example.get("messages") or [*user_message(example["instruction"], example["input"]),
                                                {"role": "assistant", "content": example["output"]}]
-        prompt = chat_ids(tokenizer, messages[:-1], add_generation_prompt=True)
-        ids = chat_ids(tokenizer, messages)
+        prompt, ids = list(tokenizer.chat_ids(messages[:-1])), conversation_ids(tokenizer, messages)
         n_prompt = next((i for i, (a, b) in enumerate(zip(prompt, ids)) if a != b), len(prompt))
         return ids, n_prompt
     prompt = tokenizer.encode(alpaca_prompt(example["instruction"], example["input"]))  # with a Llama's start token
