@@ -2,7 +2,7 @@
 
     python bench.py                                  # every section, 124M GPT-2, float32
     python bench.py decode prefill                   # some sections: machine decode prefill chat
-                                                     #   train load tokenize ddp
+                                                     #   train load tokenize ddp finetune
     python bench.py --model llama3 config=toy        # Llama 3 (toy preset) against LlamaForCausalLM
     python bench.py decode compile=true              # settings: key=value; --help lists them
     python bench.py device=cuda machine train decode # on a GPU (device=auto picks it): README "On a GPU"
@@ -22,7 +22,8 @@ others are compared with: the memory bandwidth decoding can at best reach, and t
 
 It measures the scripts through their public functions: generate and compile_for_decoding from
 sample.py, load and export from load_hf.py, tokenize_corpus from data/prepare.py, the command line and the
-tokenizer from common.py; train.py is run as a user runs it (ddp section). transformers is
+tokenizer from common.py; train.py is run as a user runs it (ddp section), and its loss and LoRA are
+called directly (finetune section). transformers is
 imported only by the sections that compare with it.
 """
 import dataclasses
@@ -45,9 +46,10 @@ import torch.nn.functional as F
 
 import common
 import gpt2
+import train
 from common import (MODELS, UserError, apply_overrides, import_model, load_tokenizer, model_config,
                     parse_args, pick_device, pick_dtype, print_help)
-from data import prepare
+from data import instructions, prepare
 from sample import compile_for_decoding, generate, lay_out_for_decoding
 
 
@@ -914,8 +916,93 @@ def bench_ddp(model_name):
         ["run", "cores", "tokens/s", "per core", "vs 1 process", "tokens per CPU-s", "vs 1 process"], rows))
 
 
+def bench_finetune(model_name):
+    """Finetuning: LoRA (rank 8) against full finetuning, instruction against pretraining batches.
+
+    Each row is train.py's step (the batch read by its split, train.loss_fn, backward, fused AdamW over
+    the parameters that train), on batches of the same shape: random windows of a token array, or
+    instruction examples of exactly the window's length (no padding), the first half of each a prompt
+    the loss skips. Memory is counted tensor by tensor at the first step (step_memory), not read from
+    the process's resident size, which the allocator's reuse of the rows before blurs.
+    """
+    b, t, steps, rank = SETTINGS.batch_size, SETTINGS.seq_len, SETTINGS.steps, 8
+    rows = [("full finetuning, pretraining batches", 0, "windows"),
+            ("full finetuning, instruction batches", 0, "examples"),
+            (f"LoRA rank {rank}, pretraining batches", rank, "windows")]
+    gen = torch.Generator().manual_seed(4)
+    steppers, memory, n_trained = {}, {}, {}
+    for name, lora_rank, kind in rows:
+        progress("finetune", f"{name}, batch {b} x {t}, first step (memory)")
+        model = build_ours(model_name)
+        t = min(t, model.cfg.context_length)
+        ids = torch.randint(0, model.cfg.vocab_size, (b, t + 1), generator=gen)
+        if kind == "windows":
+            split, batch = prepare.Windows(ids.flatten().numpy(), t, t + 1), torch.arange(b) * (t + 1)
+        else:
+            examples = [(row, t // 2) for row in ids.tolist()]  # the first half of each: the prompt
+            split, batch = instructions.Examples(examples, True, 0, "alpaca"), torch.arange(b)
+        if lora_rank:
+            train.add_lora(model, lora_rank, 2 * lora_rank)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+        memory[name] = step_memory(model, optimizer, *(z.to(DEVICE) for z in split.read(batch)))
+        n_trained[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        steppers[name] = finetune_step(model, optimizer, split, batch)
+    seconds = {name: float("inf") for name in steppers}
+    for i in range(steps):  # in turns, so that a busy moment of the machine hits them all
+        for name, step in steppers.items():
+            progress("finetune", f"{name}, timed step {i + 1} of {steps}")
+            seconds[name] = min(seconds[name], best_time(step, 1))
+    full = rows[0][0]
+    mib = lambda n: f"{n / 2**20:.1f}"
+    TABLES.append(lambda: table(
+        f"finetune: {model_name}, batch {b} x {t} tokens, float32, {DEVICE.type}, one step = batch + forward + backward + fused AdamW",
+        ["", "parameters trained", "AdamW state MiB", "vs full", "gradients MiB", "activations MiB",
+         "step memory MiB", "vs full", "s per step", "tokens/s", "vs full"],
+        [[name, f"{n_trained[name]:,}", mib(m["state"]), f"{m['state'] / memory[full]['state']:.1%}", mib(m["grads"]),
+          mib(m["saved"]), mib(m["total"]), f"{m['total'] / memory[full]['total']:.2f}x", f"{seconds[name]:.2f}",
+          f"{b * t / seconds[name]:.0f}", f"{seconds[full] / seconds[name]:.2f}x"]
+         for name, m in ((name, memory[name]) for name, _, _ in rows)],
+        "step memory = weights + gradients + AdamW state + the activations autograd saves for backward (at most what a "
+        "step holds at once); tokens/s counts every input position (an instruction batch's prompt too), so that rows "
+        "of the same shape compare per token; vs full: the ratio to the first row (for speed, above 1 is faster)."))
+
+
+def step_memory(model, optimizer, x, y):
+    """Take one step, counting its memory in bytes: the weights, the activations autograd saves for
+    backward (each storage once, the weights left out), the gradients, and AdamW's state after it."""
+    weights = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    saved = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        loss = train.loss_fn(model, x, y)
+    loss.backward()
+    grads = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    state = sum(v.nbytes for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+    total = sum(weights.values()) + sum(saved.values()) + grads + state
+    return {"state": state, "grads": grads, "saved": sum(saved.values()), "total": total}
+
+
+def finetune_step(model, optimizer, split, rows):
+    """One step of train.py on the batch rows of split, as a function."""
+    def step():
+        x, y = split.read(rows)  # on the CPU, as train.py reads them, then moved
+        train.loss_fn(model, x.to(DEVICE), y.to(DEVICE)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 SECTIONS = {"machine": bench_machine, "decode": bench_decode, "prefill": bench_prefill, "chat": bench_chat,
-            "train": bench_train, "load": bench_load, "tokenize": bench_tokenize, "ddp": bench_ddp}
+            "train": bench_train, "load": bench_load, "tokenize": bench_tokenize, "ddp": bench_ddp,
+            "finetune": bench_finetune}
 
 
 def main(argv):

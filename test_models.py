@@ -7,12 +7,14 @@ The sections follow the files under test in the order a reader meets them:
   2. common.py: the key=value command line, the GPT-2 tokenizer, checkpoint files;
   3. sample.py: generation and sampling, every end token, chat with the KV cache kept, load_model;
   4. load_hf.py: GPT-2 and Llama weights from Hugging Face folders, and our checkpoints exported to them;
-  5. data/prepare.py: the token cache (a memmap) and the training windows;
-  6. train.py: training runs, starting from pretrained weights or a checkpoint, resuming, DDP and FSDP;
+  5. data/prepare.py: the token cache (a memmap) and the training windows; data/instructions.py: the
+     Alpaca prompt, the masked loss, the split;
+  6. train.py: training runs, starting from pretrained weights or a checkpoint, instruction finetuning and
+     LoRA, resuming, DDP and FSDP;
   7. end to end: the scripts in subprocesses, as a user runs them.
   8. on a GPU: the CUDA paths of the above (skipped, with the reason, where there is no GPU).
 
-It imports the three model files, common, sample, load_hf, train and data.prepare, and transformers
+It imports the three model files, common, sample, load_hf, train, data.prepare and data.instructions, and transformers
 for its GPT2LMHeadModel, LlamaForCausalLM and tokenizers to compare against. Nothing is downloaded:
 HF_HUB_OFFLINE is set before huggingface_hub is imported, the Hugging Face models and tokenizers are
 built here from small configs with random weights and saved with save_pretrained, and the GPT-2
@@ -47,7 +49,7 @@ import load_hf  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
 from common import UserError  # noqa: E402
-from data import prepare  # noqa: E402
+from data import instructions, prepare  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -1540,6 +1542,69 @@ def test_memmap_batches_equal_in_memory_batches(tmp_path, monkeypatch):
     assert len(cached()) > 0
 
 
+# ---- instruction data (data/instructions.py): the Alpaca prompt, the masked loss, the split
+
+_COLORS = ["red", "green", "blue", "white", "black", "yellow", "brown", "grey", "pink", "orange"]
+
+
+def _instructions_file(tmp_path, examples=None, name="instructions.json"):
+    """A .json list of instructions (by default one per color, every second with an input), or any
+    examples given, in tmp_path/name; a list of lines for a .jsonl file."""
+    if examples is None:
+        examples = [{"instruction": f"Name the color {c}.", "input": "Say it twice." if i % 2 else "",
+                     "output": f"{c.title()}, {c}."} for i, c in enumerate(_COLORS)]
+    text = "\n".join(map(json.dumps, examples)) if name.endswith(".jsonl") else json.dumps(examples)
+    return write(tmp_path / name, text)
+
+
+def test_instruction_loss_counts_the_response_tokens_only(tmp_path):
+    tok = common.load_tokenizer("gpt2")
+    train_split, val_split = instructions.load_examples(_instructions_file(tmp_path), tok, 64, 1, True)
+    assert (len(train_split), len(val_split), train_split.format) == (9, 1, "alpaca")  # 90/10
+    prompts = [tok.decode(ids[:n]) for ids, n in zip(train_split.ids, train_split.n_prompt)]
+    for (ids, n), prompt in zip(zip(train_split.ids, train_split.n_prompt), prompts):
+        color = prompt.split("Name the color ")[1].split(".")[0]
+        with_input = _COLORS.index(color) % 2 == 1
+        assert prompt == instructions.alpaca_prompt(f"Name the color {color}.", "Say it twice." * with_input)
+        assert tok.decode(ids[n:]) == f"{color.title()}, {color}.<|endoftext|>"  # the output, then the end token
+    assert prompts[0].startswith(instructions.ALPACA_PREAMBLE + "\n\n### Instruction:\nName the color ")
+    assert sum("\n\n### Input:\nSay it twice.\n\n### Response:\n" in p for p in prompts) in (4, 5)
+
+    rows = torch.tensor([0, 3, 5, 8])
+    x, y = train_split.read(rows)
+    assert x.shape == y.shape == (4, max(len(train_split.ids[r]) for r in rows.tolist()) - 1)  # the longest
+    model = tiny_gpt2()
+    loss = train.loss_fn(model, x, y)
+    logits = model(x)
+    by_hand = []  # the cross-entropy of each response token (and end token), predicted one position before
+    for i, r in enumerate(rows.tolist()):
+        ids, n = train_split.ids[r], train_split.n_prompt[r]
+        by_hand += [-torch.log_softmax(logits[i, j - 1], -1)[ids[j]] for j in range(n, len(ids))]
+    assert torch.allclose(loss, torch.stack(by_hand).mean(), atol=1e-6)
+
+    # other prompt tokens: other inputs, the same positions counted
+    changed = instructions.Examples([(ids, n) for ids, n in zip(train_split.ids, train_split.n_prompt)],
+                                    True, tok.eot_id, "alpaca")
+    changed.ids = [[(t + 7) % 50000 if j < n else t for j, t in enumerate(ids)]
+                   for ids, n in zip(changed.ids, changed.n_prompt)]
+    x2, y2 = changed.read(rows)
+    assert not torch.equal(x2, x) and torch.equal(y2 != instructions.IGNORE, y != instructions.IGNORE)
+    assert torch.equal(y2[y2 != instructions.IGNORE], y[y != instructions.IGNORE])
+    # mask_prompt=false: every token but the padding counts, as in the book's main chapter
+    whole, _ = instructions.load_examples(_instructions_file(tmp_path), tok, 64, 1, False)
+    _, y3 = whole.read(rows)
+    assert (y3 != instructions.IGNORE).sum() == sum(len(whole.ids[r]) - 1 for r in rows.tolist())
+
+    # the split and the batches depend on the seed alone; an epoch visits every example once
+    again, _ = instructions.load_examples(_instructions_file(tmp_path), tok, 64, 1, True)
+    other, _ = instructions.load_examples(_instructions_file(tmp_path), tok, 64, 2, True)
+    assert again.ids == train_split.ids and other.ids != train_split.ids
+    cfg = train.TrainConfig(batch_size=3, seed=5)
+    epoch = torch.cat([train_split.draw(step, cfg) for step in range(3)])
+    assert sorted(epoch.tolist()) == list(range(9)) and not torch.equal(epoch, torch.cat(
+        [train_split.draw(step, cfg) for step in range(3, 6)]))
+
+
 # ===== 6. train.py: training runs, pretrained weights, resume, DDP and FSDP ============================
 # Short runs of the tiny preset in process: the loss falls, pretrained weights and checkpoints to start
 # from, resuming exactly; two processes under torchrun; a run killed while it checkpoints; bad input.
@@ -1634,6 +1699,91 @@ def test_dtype_is_autocast_and_weight_dtype_the_llama_weights(tmp_path, one_thre
     assert loaded["model_config"]["weight_dtype"] == "float32" and model.cfg.weight_dtype == "float32"
 
 
+# ---- instruction finetuning and LoRA
+
+_ANSWERS = {"Name a fruit.": "An apple.", "Name a color.": "Deep blue.", "Name a pet.": "A small cat."}
+
+
+def _answers(model, tokenizer, prompt_format):
+    """The model's greedy answer to each instruction of _ANSWERS, in its prompt format, up to the end token
+    (what sample.py chat=true shows for a model trained here)."""
+    answers = {}
+    for instruction in _ANSWERS:
+        ids = instructions.prompt_ids(tokenizer, prompt_format, instruction)
+        new = [int(t) for t in sample.generate(model, torch.tensor([ids]), 12, end_ids=tokenizer.end_ids)]
+        answers[instruction] = tokenizer.decode(sample.until_end(new, tokenizer.end_ids))
+    return answers
+
+
+def test_tiny_gpt2_trained_on_instructions_answers_them(tmp_path, one_thread, capsys):
+    examples = [{"instruction": q, "input": "", "output": a} for q, a in _ANSWERS.items()] * 4
+    out = tmp_path / "out"
+    train.main(["config=tiny", "n_layers=1", "context_length=48", f"data={_instructions_file(tmp_path, examples)}",
+                f"out_dir={out}", "device=cpu", "dtype=float32", "max_iters=80", "batch_size=4", "lr=1e-2",
+                "eval_interval=80", "eval_iters=1", "dropout=0"])
+    printed = capsys.readouterr().out
+    assert "11 training examples and 1 to validate (0 of all cut to 49 tokens), alpaca prompts" in printed
+    ckpt = _read_ckpt(out)
+    assert ckpt["prompt_format"] == "alpaca" and ckpt["history"]["val"][-1] < 0.1
+    assert re.search(r"\n  response: (An apple|Deep blue|A small cat)\.\n", printed)  # the validation example
+    model, _ = sample.load_model(str(out), "cpu")
+    assert _answers(model.eval(), common.load_tokenizer("gpt2"), "alpaca") == _ANSWERS
+
+
+def test_tiny_llama_trained_on_chat_messages_answers_them(tmp_path, one_thread):
+    """A Llama folder whose tokenizer has a chat template: .jsonl messages are laid out by the template,
+    and the trained model answers each instruction given to the template as a user's message."""
+    folder = tmp_path / "hf-llama"
+    turns = [f"user: {q}</s>assistant: {a}</s>" for q, a in _ANSWERS.items()]
+    tokenizer = _llama_tokenizer(folder, " ".join(turns * 20))
+    tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}"
+                               "{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}{% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(**{**_LLAMA_SMALL, "vocab_size": len(tokenizer)}, bos_token_id=1, eos_token_id=2,
+                         **_LLAMA_HF_CONFIGS["llama2-gqa"][2])
+    _llama_randomize(LlamaForCausalLM(config), seed=3).save_pretrained(folder)
+    chats = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+             for q, a in _ANSWERS.items()] * 4
+    out = tmp_path / "out"
+    train.main([f"init_from={folder}", f"data={_instructions_file(tmp_path, chats, 'chat.jsonl')}", f"out_dir={out}",
+                "device=cpu", "dtype=float32", "seq_len=32", "max_iters=60", "batch_size=4", "lr=1e-2",
+                "eval_interval=60", "eval_iters=1"])
+    model, ckpt = sample.load_model(str(out), "cpu")
+    assert ckpt["prompt_format"] == "chat_template"
+    tokenizer = common.load_tokenizer(ckpt["tokenizer"])
+    ids = instructions.prompt_ids(tokenizer, "chat_template", "Name a pet.")
+    assert tokenizer.hf.decode(ids).replace(" ", "") == "<s>user:Nameapet.</s>assistant:"  # the template's layout
+    assert _answers(model.eval(), tokenizer, "chat_template") == _ANSWERS
+
+
+def test_lora_changes_the_adapted_matrices_only_by_rank_r(tmp_path, one_thread):
+    data = _corpus_file(tmp_path)
+    train.main([*_TINY_RUN, f"data={data}", "max_iters=1", f"out_dir={tmp_path / 'base'}"])
+    same = [arg for arg in _TINY_RUN if not arg.startswith(("config=", "context_length="))]
+    train.main([*same, f"data={data}", "max_iters=4", "lr=1e-2", "lora_rank=2", "lora_alpha=8",
+                f"init_from={tmp_path / 'base'}", f"out_dir={tmp_path / 'lora'}"])
+    base, lora = _read_ckpt(tmp_path / "base")["model"], _read_ckpt(tmp_path / "lora")
+    assert lora["model"].keys() == base.keys()  # the ordinary state dict: merged
+    adapted = [name for name in base if name.removesuffix(".weight") + ".linear.weight" in lora["lora"]]
+    assert len(adapted) == 2 * 6  # wq, wk, wv, wo, up, down in each of the 2 blocks
+    for name, weight in base.items():
+        if name in adapted:
+            change = (lora["model"][name] - weight).double()
+            assert change.abs().max() > 1e-4 and torch.linalg.matrix_rank(change, rtol=1e-4) <= 2, name
+            assert torch.equal(lora["lora"][name.removesuffix("weight") + "linear.weight"], weight)
+        else:
+            assert torch.equal(lora["model"][name], weight), name  # frozen: bit for bit
+    assert set(lora["optimizer"]["state"]) == {k for k in lora["lora"] if k.endswith((".A", ".B"))}  # adapters only
+    # the merged model (what sample.py loads) against the model with its adapters, unmerged
+    merged, _ = sample.load_model(str(tmp_path / "lora"), "cpu")
+    unmerged, _ = sample.load_model(str(tmp_path / "base"), "cpu")
+    train.add_lora(unmerged, 2, 8.0)
+    unmerged.load_state_dict(lora["lora"], strict=False)
+    idx = torch.randint(0, 50257, (2, 32))
+    assert (merged.eval()(idx) - unmerged.eval()(idx)).abs().max() < 1e-5
+
+
 # ---- scale: DDP, FSDP, resume
 
 def _scale_torchrun(*args):
@@ -1675,16 +1825,34 @@ def test_scale_two_processes_match_one_process(_scale_one_process, mode):
     assert loaded.lm_head.weight is loaded.token_embedding.weight
 
 
+def test_scale_two_processes_with_lora_match_one_process(tmp_path):
+    data = _corpus_file(tmp_path)
+    args = [*_TINY_RUN, f"data={data}", "max_iters=3", "batch_size=4", "eval_interval=3", "lora_rank=2", "lr=1e-2"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train.main([*args, "grad_accum=2", f"out_dir={tmp_path / 'one'}"])
+    torch.set_num_threads(threads)
+    result = _scale_torchrun(*args, f"out_dir={tmp_path / 'two'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = _read_ckpt(tmp_path / "one"), _read_ckpt(tmp_path / "two")
+    for key in ("step_loss", "train", "val"):
+        assert max(abs(a - b) for a, b in zip(one["history"][key], two["history"][key])) < 1e-5
+    for name, weight in {**one["model"], **one["lora"]}.items():
+        assert (weight - {**two["model"], **two["lora"]}[name]).abs().max() < 1e-5, name
+
+
 class _ScaleStop(Exception):
     pass
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("mode", ["max_iters", "epochs"])
+@pytest.mark.parametrize("mode", ["max_iters", "epochs", "lora"])
 def test_scale_resume_is_exact(tmp_path, monkeypatch, mode):
     data = _corpus_file(tmp_path)
-    # dropout on, so the random state must be restored too; epochs: the stop falls inside an epoch
-    run = ["max_iters=8"] if mode == "max_iters" else ["epochs=3", "batch_size=2", "stride=1000"]
+    # dropout on, so the random state must be restored too; epochs: the stop falls inside an epoch; lora:
+    # the frozen weights, the adapters and their optimizer state
+    run = {"max_iters": ["max_iters=8"], "epochs": ["epochs=3", "batch_size=2", "stride=1000"],
+           "lora": ["max_iters=8", "lora_rank=2", "lr=1e-2"]}[mode]
     args = [*_TINY_RUN, f"data={data}", "dropout=0.1", "eval_interval=3", "ckpt_interval=4", *run]
     train.main([*args, f"out_dir={tmp_path / 'whole'}"])
     whole = _read_ckpt(tmp_path / "whole")
@@ -1707,10 +1875,11 @@ def test_scale_resume_is_exact(tmp_path, monkeypatch, mode):
 
     n_steps = len(whole["history"]["step_loss"])
     assert halves["step"] == whole["step"] == n_steps
-    assert n_steps == 8 if mode == "max_iters" else n_steps == 9  # epochs: 3 of 3 steps, stopped in the 2nd
+    assert n_steps == 9 if mode == "epochs" else n_steps == 8  # epochs: 3 of 3 steps, stopped in the 2nd
     assert halves["history"] == whole["history"]  # every loss, bit for bit
-    for name, weight in whole["model"].items():
-        assert torch.equal(weight, halves["model"][name]), name
+    for name, weight in {**whole["model"], **whole.get("lora", {})}.items():
+        assert torch.equal(weight, {**halves["model"], **halves.get("lora", {})}[name]), name
+    assert ("lora" in whole) == (mode == "lora")
     for name, state in whole["optimizer"]["state"].items():
         assert all(torch.equal(v, halves["optimizer"]["state"][name][k]) for k, v in state.items())
     log = [json.loads(line) for line in open(tmp_path / "halves" / "log.jsonl")]
@@ -1966,6 +2135,37 @@ _TRAIN_BAD_INPUT = [
      "launch with torchrun --nproc_per_node=N"),
     ("grad_accum-uneven", "call", lambda tmp: train.main(_on_corpus(tmp, "batch_size=4", "grad_accum=3")),
      "batch_size=4 does not split evenly .* grad_accum=3"),
+    # instruction data and LoRA
+    ("instructions-not-a-list", "call", lambda tmp: train.main(_on_story(tmp, data=write(tmp / "i.json", '{"a": 1}'))),
+     "i.json must hold a JSON list of objects with .instruction., .input. and .output."),
+    ("instructions-not-objects", "call", lambda tmp: train.main(_on_story(tmp, data=write(tmp / "i.json", "[1, 2]"))),
+     "must hold a JSON list of objects"),
+    ("instructions-not-json", "call", lambda tmp: train.main(_on_story(tmp, data=write(tmp / "i.json", "[{"))),
+     "i.json is not valid UTF-8 JSON"),
+    ("instructions-empty-list", "call", lambda tmp: train.main(_on_story(tmp, data=write(tmp / "i.json", "[]"))),
+     "i.json holds no examples: pass a file with at least two"),
+    ("instruction-without-output", "call", lambda tmp: train.main(_on_story(tmp, data=_instructions_file(
+        tmp, [{"instruction": "Name a fruit.", "output": "An apple."}, {"instruction": "Name a pet."}]))),
+     'example 1 of .* has no "output" text: every example needs an "instruction" and an "output"'),
+    ("instruction-missing", "call", lambda tmp: train.main(_on_story(tmp, data=_instructions_file(
+        tmp, [{"input": "x", "output": "y"}] * 3))), 'example 0 of .* has no "instruction" text'),
+    ("instructions-all-too-long", "call", lambda tmp: train.main(_on_story(
+        tmp, "context_length=32", data=_instructions_file(tmp, [{"instruction": "Name a fruit.",
+                                                                 "output": "An apple. " * 20}] * 3))),
+     r"every example of .* is longer than the context of 33 tokens: raise seq_len= .*or use shorter examples"),
+    ("messages-without-chat-template", "call", lambda tmp: train.main(_on_story(tmp, data=_instructions_file(
+        tmp, [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}] * 3,
+        "chat.jsonl"))), "chat.jsonl holds chat messages, and this model's tokenizer has no chat template"),
+    ("messages-not-ending-with-the-answer", "call", lambda tmp: train.main(_on_story(tmp, data=_instructions_file(
+        tmp, [{"messages": [{"role": "user", "content": "Hi"}]}], "chat.jsonl"))),
+     "example 0 of .* needs .messages.: .* that ends with the assistant's answer"),
+    ("run-lora_rank-negative", "run", lambda tmp: ["lora_rank=-1"],
+     r"^lora_rank=-1 must be 0 \(off\) or more, e\.g\. lora_rank=8"),
+    ("lora_alpha-0", "call", lambda tmp: train.main(["lora_rank=8", "lora_alpha=0"]),
+     r"^lora_alpha=0\.0 must be above 0"),
+    ("resume-without-lora", "call", lambda tmp: [train.main(_on_corpus(tmp, "lora_rank=2")),
+                                                 train.main(_on_corpus(tmp, "init_from=resume"))],
+     "ckpt.pt was trained with lora_rank=2: resume with that lora_rank= and lora_alpha="),
     ("out_dir-under-a-file", "call", lambda tmp: train.main(
         ["config=tiny", f"data={write_story(tmp)}", f"out_dir={write(tmp / 'file', '')}/out"]),
      "cannot write to out_dir"),

@@ -5,15 +5,16 @@
     python train.py init_from=gpt2 seq_len=256   # continue training GPT-2's published weights
     python train.py init_from=resume             # carry on where the run in out_dir stopped
     python train.py data=books/ max_iters=5000   # a large corpus: random windows, tokenized once into a memmap
+    python train.py init_from=gpt2-medium data=instruction-data.json epochs=2 lora_rank=8   # answer instructions
     torchrun --nproc_per_node=4 train.py data=books/ max_iters=5000 fsdp=true   # several GPUs or processes
     python train.py --help                       # every key, with its type and default
 
 Any key of TrainConfig below, or of the model's Config, can be set as key=value (or --key=value).
 
 The file reads top to bottom: the settings; configure (the command line, the model, the weights to
-start from) and check; the data, the model and its optimizer; then main, the training loop. It
-imports common.py (command line, tokenizers, checkpoint files), data/prepare.py (the token cache),
-load_hf.py (Hugging Face weights) and sample.py (the sample printed at each evaluation).
+start from) and check; the data, LoRA, the model and its optimizer; then main, the training loop. It imports
+common.py (command line, tokenizers, checkpoint files), data/prepare.py (the token cache), data/instructions.py
+(instruction examples), load_hf.py (Hugging Face weights) and sample.py (the sample at each evaluation).
 """
 import dataclasses
 import json
@@ -41,13 +42,14 @@ import load_hf
 from common import (MODELS, UserError, apply_overrides, check_model_config, check_settings, import_model,
                     is_checkpoint, load_tokenizer, model_config, parse_args, pick_device, pick_dtype, print_help,
                     read_checkpoint, run, save_checkpoint)
-from data.prepare import VERDICT, batch_starts, eval_starts, get_batch, read_splits, tokenize_corpus, window_starts
-from sample import complete
+from data.instructions import IGNORE, is_instruction_data
+from data.prepare import VERDICT, read_splits, schedule, tokenize_corpus
+from sample import complete, generate, until_end
 
 
 @dataclass
 class TrainConfig:
-    data: str = VERDICT          # UTF-8 text file, or a folder of .txt files
+    data: str = VERDICT          # UTF-8 text file, a folder of .txt files, or instructions (.json, .jsonl)
     config: str = ""             # model preset (gpt2: verdict, tiny, gpt2, ...); "" = the model's default
     init_from: str = "scratch"   # scratch = a new model; resume = carry on out_dir/ckpt.pt; or pretrained weights:
     #                              gpt2 ... gpt2-xl, a Hugging Face folder, a checkpoint (fresh optimizer)
@@ -73,6 +75,9 @@ class TrainConfig:
     dtype: str = "auto"          # float32, bfloat16 or float16 (autocast); auto = bfloat16 where fast
     fsdp: bool = False           # under torchrun: shard parameters, gradients and optimizer state across processes
     compile: bool = False        # torch.compile the model for training and evaluation
+    mask_prompt: bool = True     # instruction data: the loss counts the responses only; false = the whole text
+    lora_rank: int = 0           # > 0: train low-rank adapters of this rank on the blocks' linear layers only
+    lora_alpha: float | None = None  # the adapters' output is scaled by lora_alpha / lora_rank; None = 2 x rank
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -156,6 +161,9 @@ def check_values(cfg, procs):
         ("weight_decay", lambda v: 0 <= v < math.inf, "must be 0 (none) or more, e.g. weight_decay=0.1"),
         ("grad_clip", lambda v: v >= 0, "must be 0 (off) or more, e.g. grad_clip=1.0"),
         ("fsdp", lambda v: not v or procs.distributed, "shards the model: launch with torchrun --nproc_per_node=N"),
+        ("lora_rank", lambda v: v >= 0, "must be 0 (off) or more, e.g. lora_rank=8"),
+        ("lora_rank", lambda v: not (v and cfg.fsdp), "does not work with fsdp=true yet: leave fsdp out (DDP)"),
+        ("lora_alpha", lambda v: v is None or 0 < v < math.inf, "must be above 0, e.g. lora_alpha=16"),
         ("batch_size", lambda v: v % (procs.world_size * cfg.grad_accum) == 0,
          f"does not split evenly into {procs.world_size} process(es) x grad_accum={cfg.grad_accum} micro-batches: "
          f"make batch_size a multiple of {procs.world_size * cfg.grad_accum}")])
@@ -180,6 +188,8 @@ def check(cfg, model_name, model_cfg, built, init, ckpt_path):
                         f"{' with ' + ', '.join(differ) if differ else ''}, not the {model_name} model "
                         f"this command builds: resume with the --model, config= and model keys of the run "
                         f"that wrote it (or none of them), or pass another out_dir=")
+    if cfg.init_from == "resume" and (was := init["train_config"].get("lora_rank", 0)) != cfg.lora_rank:
+        raise UserError(f"{ckpt_path} was trained with lora_rank={was}: resume with that lora_rank= and lora_alpha=")
 
 
 def pick_place(cfg, procs):
@@ -204,14 +214,13 @@ def pick_place(cfg, procs):
 # ----------------------------------------------------------------------------- data
 
 def load_data(cfg, model_cfg, init, ctx, procs, device):
-    """The tokenizer (pretrained weights keep theirs) and the corpus's tokens, 90% to train, 10% to
-    validate, cached beside it (data/prepare.py). One process on each machine tokenizes, if the cache
-    is out of date, before the process group starts: the others wait for it in the barrier."""
+    """The tokenizer (pretrained weights keep theirs), and the training and validation splits (read_splits). One
+    process on each machine tokenizes a corpus into its cache, if out of date, before the process group starts."""
     tokenizer = load_tokenizer(init["tokenizer"] if init else "gpt2")
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise UserError(f"vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                         f"{tokenizer.vocab_size}: leave vocab_size at its default")
-    if procs.local_rank == 0:
+    if procs.local_rank == 0 and not is_instruction_data(cfg.data):  # instructions: small, read by every process
         tokenize_corpus(cfg.data, tokenizer)
     if procs.distributed:
         if device.type == "cuda":
@@ -219,28 +228,64 @@ def load_data(cfg, model_cfg, init, ctx, procs, device):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
         dist.barrier()
-    return tokenizer, *read_splits(cfg.data, tokenizer, ctx)
+    return tokenizer, *read_splits(cfg, tokenizer, ctx)
 
 
-def schedule(cfg, n_windows):
-    """(total steps, steps per epoch or None, steps between evaluations)."""
-    if cfg.max_iters:
-        return cfg.max_iters, None, cfg.eval_interval or max(1, cfg.max_iters // 10)
-    if n_windows < cfg.batch_size:
-        raise UserError(f"{cfg.data} gives {n_windows} training windows, fewer than batch_size="
-                        f"{cfg.batch_size}: use a smaller batch_size or context_length, or a longer text")
-    steps_per_epoch = n_windows // cfg.batch_size  # the last, incomplete batch of an epoch is dropped
-    return cfg.epochs * steps_per_epoch, steps_per_epoch, cfg.eval_interval or steps_per_epoch
+# ----------------------------------------------------------------------------- LoRA
+
+class LoRALinear(torch.nn.Module):
+    """A frozen nn.Linear plus a low-rank update that trains, scale * x A B (the book's LinearWithLoRA)."""
+
+    def __init__(self, linear, rank, scale):
+        super().__init__()
+        self.linear, self.scale, w = linear, scale, linear.weight
+        self.A = torch.nn.Parameter(torch.nn.init.kaiming_uniform_(  # as nn.Linear initialises its weight
+            torch.empty(w.shape[1], rank, dtype=w.dtype), a=math.sqrt(5)))
+        self.B = torch.nn.Parameter(torch.zeros(rank, w.shape[0], dtype=w.dtype))  # so the model starts as it was
+
+    def forward(self, x):  # (b, t, d_in) -> (b, t, d_out)
+        return self.linear(x) + (x @ self.A @ self.B) * self.scale
+
+
+def add_lora(model, rank, alpha):
+    """Freeze the model, and wrap each nn.Linear in its blocks (wq, wk, wv, wo, the MLP's) in a LoRALinear."""
+    model.requires_grad_(False)
+    for block in model.blocks:
+        for name, module in list(block.named_modules()):
+            if isinstance(module, torch.nn.Linear):
+                parent, _, leaf = name.rpartition(".")
+                setattr(block.get_submodule(parent), leaf, LoRALinear(module, rank, alpha / rank))
+
+
+def merge_lora(state, scale):
+    """(the ordinary state dict, each adapted W merged into W + scale * (A B)^T, for sample.py and init_from=;
+    the adapted layers' own, to resume: the adapters and W itself, as merged - scale * (A B)^T is not W again)."""
+    lora = {k: v for k, v in state.items() if ".linear." in k or k.endswith((".A", ".B"))}
+    merged = {k.replace(".linear.", "."): v for k, v in state.items() if not k.endswith((".A", ".B"))}
+    for layer in (k.removesuffix(".A") for k in lora if k.endswith(".A")):
+        w, update = merged[layer + ".weight"], lora[layer + ".A"].float() @ lora[layer + ".B"].float()
+        merged[layer + ".weight"] = (w.float() + scale * update.T).to(w.dtype)  # (d_out, d_in)
+    return merged, lora
 
 
 # ----------------------------------------------------------------------------- model and optimizer
 
 def build_model(cfg, arch, model_cfg, init, device, procs):
-    """The model (raw, and as trained: compiled, DDP), AdamW, the loss scaler, the step and the loss
-    history, with init's weights and, resuming, its training state. Built whole on the CPU, the same on
-    every process (same seed), then moved to the device or, under FSDP, sharded (each block, the rest)."""
+    """The model (raw, and as trained: compiled, DDP), AdamW, the loss scaler, the step and the loss history,
+    with init's weights and, resuming, its training state. Built whole on the CPU, the same on every process
+    (same seed), LoRA's adapters added, then moved to the device or, under FSDP, sharded (each block, the rest)."""
     torch.manual_seed(cfg.seed)
     raw_model = arch.Transformer(model_cfg)
+    if init is not None:
+        try:
+            set_model_state_dict(raw_model, init["model"], options=StateDictOptions(full_state_dict=True))
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise UserError(f"the weights of {cfg.init_from} do not fit this model ({str(e).splitlines()[0]}): "
+                            f"leave out the model keys that change its shape") from None
+    if cfg.lora_rank:
+        add_lora(raw_model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank)
+        if cfg.init_from == "resume":  # the adapted layers as they were, frozen weights included (merge_lora)
+            raw_model.load_state_dict(init["lora"], strict=False)
     if cfg.fsdp:
         mesh = init_device_mesh(device.type, (procs.world_size,))
         for block in raw_model.blocks:
@@ -248,18 +293,12 @@ def build_model(cfg, arch, model_cfg, init, device, procs):
         fully_shard(raw_model, mesh=mesh)
     else:
         raw_model.to(device)
-    decay = [p for p in raw_model.parameters() if p.dim() >= 2]  # matrices and embeddings, not biases or norms
-    no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
+    trained = [p for p in raw_model.parameters() if p.requires_grad]  # with LoRA, the adapters only
+    decay, no_decay = [p for p in trained if p.dim() >= 2], [p for p in trained if p.dim() < 2]  # matrices: decay
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
     step, history = 0, {"step_tokens": [], "step_loss": [], "tokens": [], "train": [], "val": []}
-    if init is not None:
-        try:
-            set_model_state_dict(raw_model, init["model"], options=StateDictOptions(full_state_dict=True))
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise UserError(f"the weights of {cfg.init_from} do not fit this model ({str(e).splitlines()[0]}): "
-                            f"leave out the model keys that change its shape") from None
     if cfg.init_from == "resume":  # optimizer, schedule and data position (the step), random state
         set_optimizer_state_dict(raw_model, optimizer, init["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
@@ -281,48 +320,58 @@ def build_model(cfg, arch, model_cfg, init, device, procs):
 # ----------------------------------------------------------------------------- training
 
 def loss_fn(model, x, y):
-    logits = model(x)  # (b, t, vocab)
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    logits = model(x)  # (b, t, vocab); instruction data's targets are IGNORE outside the responses
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
 
 
 @torch.no_grad()
-def estimate_loss(model, tokens, starts, context_length, micro_batch, autocast, device, procs):
-    """The mean loss over the windows at starts; each process takes its share, in micro-batches."""
+def estimate_loss(model, split, rows, micro_batch, autocast, device, procs):
+    """The mean loss over the windows or examples rows of split; each process takes its share, in micro-batches."""
     model.eval()
     total = torch.zeros((), device=device)
-    for chunk in starts.view(procs.world_size, -1)[procs.rank].split(micro_batch):
-        x, y = get_batch(tokens, chunk, context_length)
+    for chunk in rows.view(procs.world_size, -1)[procs.rank].split(micro_batch):
+        x, y = split.read(chunk)
         with autocast:
             total += loss_fn(model, x.to(device), y.to(device)) * len(chunk)
     if procs.world_size > 1:
         dist.all_reduce(total)
     model.train()
-    return total.item() / len(starts)
+    return total.item() / len(rows)
 
 
-def optimizer_step(model, optimizer, scaler, tokens, starts, ctx, cfg, autocast, device, procs):
-    """One training step on the windows at starts (this process's share of the batch): forward and
-    backward in grad_accum micro-batches, gradients averaged over the processes and clipped, then
-    AdamW. Returns the loss, the mean over the whole batch."""
-    loss_sum = torch.zeros((), device=device)
-    for i, micro in enumerate(starts.split(len(starts) // cfg.grad_accum)):
-        x, y = get_batch(tokens, micro, ctx)
+def optimizer_step(model, optimizer, scaler, split, rows, cfg, autocast, device, procs):
+    """One training step on the windows or examples rows of split (this process's share of the batch):
+    forward and backward in grad_accum micro-batches, gradients averaged over the processes and clipped,
+    then AdamW. Returns the loss, the mean over the whole batch, and the number of targets it counted."""
+    sums = torch.zeros(2, device=device)  # the loss, the targets counted
+    for i, micro in enumerate(rows.split(len(rows) // cfg.grad_accum)):
+        x, y = split.read(micro)
         # DDP averages the gradients across processes during backward: only on the last micro-batch
         last = i == cfg.grad_accum - 1
         with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
             with autocast:
                 loss = loss_fn(model, x.to(device), y.to(device)) / cfg.grad_accum
             scaler.scale(loss).backward()
-        loss_sum += loss.detach()
+        sums += torch.stack([loss.detach(), (y != IGNORE).sum().to(device)])
     if procs.world_size > 1:
-        dist.all_reduce(loss_sum)
+        dist.all_reduce(sums)
     if cfg.grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     scaler.step(optimizer)  # float16: skipped if a gradient overflowed (the loss is then not finite)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum.item() / procs.world_size
+    loss_sum, n_targets = sums.tolist()
+    return loss_sum / procs.world_size, int(n_targets)
+
+
+def evaluation_sample(model, tokenizer, val, prompt):
+    """The greedy response to the first validation instruction, or with a corpus the continuation of prompt."""
+    if val.format is None:
+        return complete(model, tokenizer, prompt, 50)
+    new = generate(model, torch.tensor([val.prompt(0)], device=next(model.parameters()).device), 50,
+                   end_ids=tokenizer.end_ids)
+    return "response: " + tokenizer.decode(until_end([int(t) for t in new], tokenizer.end_ids))
 
 
 def lr_at(step, total_steps, cfg):
@@ -371,9 +420,11 @@ def open_log(path, step, ckpt_path):
 def save_training(path, raw_model, optimizer, scaler, checkpoint, world_size):
     """Checkpoint the run: everything init_from=resume needs to carry on exactly. Every process takes
     part: under FSDP the full model and optimizer state are gathered from the shards (onto the CPU of
-    process 0, which alone writes), and each process's random state is kept."""
+    process 0, which alone writes), and each process's random state is kept; with LoRA, see merge_lora."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     checkpoint["model"] = get_model_state_dict(raw_model, options=options)
+    if adapted := [m for m in raw_model.modules() if isinstance(m, LoRALinear)]:
+        checkpoint["model"], checkpoint["lora"] = merge_lora(checkpoint["model"], adapted[0].scale)
     checkpoint["optimizer"] = get_optimizer_state_dict(raw_model, optimizer, options=options)
     checkpoint["scaler"] = scaler.state_dict()
     rng = {"cpu": torch.get_rng_state()}
@@ -396,15 +447,12 @@ def main(argv):
     device, dtype = pick_place(cfg, procs)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
 
-    # data: windows of ctx + 1 tokens (inputs and the targets one token later), every stride tokens
+    # data: windows of ctx + 1 tokens (inputs and the targets one token later), or instruction examples
     ctx = cfg.seq_len or model_cfg.context_length
-    stride = cfg.stride or ctx
-    tokenizer, train_tokens, val_tokens = load_data(cfg, model_cfg, init, ctx, procs, device)
-    n_windows = len(window_starts(len(train_tokens), ctx, stride))
-    total_steps, steps_per_epoch, eval_interval = schedule(cfg, n_windows)
+    tokenizer, train, val = load_data(cfg, model_cfg, init, ctx, procs, device)
+    total_steps, steps_per_epoch, eval_interval = schedule(cfg, train)
     micro_batch = cfg.batch_size // (procs.world_size * cfg.grad_accum)
-    n_eval = cfg.eval_iters * cfg.batch_size
-    splits = [(tokens, eval_starts(len(tokens), ctx, stride, n_eval)) for tokens in (train_tokens, val_tokens)]
+    splits = [(split, split.eval_rows(cfg.eval_iters * cfg.batch_size)) for split in (train, val)]
 
     # the model and its optimizer
     arch = import_model(model_name)
@@ -413,9 +461,10 @@ def main(argv):
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     saved_tokenizer = tokenizer.save(cfg.out_dir) if procs.master else tokenizer.name  # a Llama's: copied
     if procs.master:
-        windows = ", random windows" if cfg.max_iters else f" in {n_windows} windows"
-        print(f"{model_name} ({source}): {arch.count_parameters(raw_model):,} parameters, {len(train_tokens):,} "
-              f"training tokens{windows}, {total_steps} steps of {cfg.batch_size} windows, {device} "
+        n_train = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)  # LoRA: the adapters only
+        print(f"{model_name} ({source}): {arch.count_parameters(raw_model):,} parameters, {n_train:,} training "
+              f"({n_train / arch.count_parameters(raw_model):.2%}), {train.describe(cfg)}, {total_steps} steps of "
+              f"{cfg.batch_size} {train.unit}, {device} "
               f"{str(dtype).removeprefix('torch.')}{f', {procs.world_size} processes' * procs.distributed}"
               + (f", from step {step}" if step else ""))
         log = open_log(os.path.join(cfg.out_dir, "log.jsonl"), step, ckpt_path)
@@ -440,15 +489,15 @@ def main(argv):
         lr = lr_at(step, total_steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        mine = batch_starts(step, len(train_tokens), ctx, cfg).view(procs.world_size, -1)[procs.rank]  # my share
-        step_loss = optimizer_step(model, optimizer, scaler, train_tokens, mine, ctx, cfg, autocast, device, procs)
+        mine = train.draw(step, cfg).view(procs.world_size, -1)[procs.rank]  # my share of the batch
+        step_loss, n_targets = optimizer_step(model, optimizer, scaler, train, mine, cfg, autocast, device, procs)
         if not math.isfinite(step_loss):
             kept = f"{ckpt_path} from step {saved_step} is kept" if saved_step else "no checkpoint was written"
             raise UserError(f"the loss became {step_loss} at step {step + 1}: {kept}; lower lr= (now {cfg.lr}) "
                             f"or use dtype=bfloat16 or float32 instead of float16")
         step += 1
-        tokens_seen += cfg.batch_size * ctx
-        stretch_tokens += cfg.batch_size * ctx
+        tokens_seen += n_targets  # the tokens the loss counted: a window's all, an example's response
+        stretch_tokens += n_targets
         history["step_tokens"].append(tokens_seen)
         history["step_loss"].append(step_loss)
         tokens_per_s = stretch_tokens / (time.perf_counter() - t0)
@@ -461,13 +510,12 @@ def main(argv):
         if step % eval_interval == 0 or step == total_steps:
             bar.close()
             bar = None
-            losses = [estimate_loss(model, tokens, starts, ctx, micro_batch, autocast, device, procs)
-                      for tokens, starts in splits]
+            losses = [estimate_loss(model, split, rows, micro_batch, autocast, device, procs) for split, rows in splits]
             for key, value in zip(("tokens", "train", "val"), (tokens_seen, *losses)):
                 history[key].append(value)
             raw_model.eval()  # every process generates: under FSDP each forward needs them all
             with autocast:
-                sample = complete(raw_model, tokenizer, cfg.prompt, 50)
+                sample = evaluation_sample(raw_model, tokenizer, val, cfg.prompt)
             raw_model.train()
             if procs.master:
                 where = (f"epoch {step // steps_per_epoch:2d}  step {step:4d}"
@@ -481,7 +529,7 @@ def main(argv):
             save_training(ckpt_path, raw_model, optimizer, scaler,
                           {"model_name": model_name, "model_config": dataclasses.asdict(model_cfg),
                            "train_config": dataclasses.asdict(cfg), "tokenizer": saved_tokenizer,
-                           "history": history, "step": step}, procs.world_size)
+                           "prompt_format": val.format, "history": history, "step": step}, procs.world_size)
             if procs.master and saved_step is None and log.name.endswith(".new"):
                 os.replace(log.name, log.name.removesuffix(".new"))  # the new run's log takes over
             saved_step = step

@@ -8,8 +8,9 @@ alone is never needed; for a corpus of gigabytes it does the work ahead of time,
 while the GPUs wait. A corpus is one UTF-8 text file or a folder of .txt files, joined by the end
 token. Its text is cut into pieces of about a megabyte at places where the tokenizer always ends a
 token, and the pieces are tokenized by one worker process per CPU core. train.py reads the cache
-through np.memmap, in windows of context_length + 1 tokens: batch_starts says which windows make the
-batch of each step, get_batch reads them.
+through np.memmap, in windows of context_length + 1 tokens (Windows): batch_starts says which windows
+make the batch of each step, get_batch reads them. Instruction data (.json, .jsonl) is read by
+data/instructions.py instead.
 
 Imports common.py (the tokenizers and UserError); run from the project's folder.
 """
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from common import UserError, apply_overrides, load_tokenizer, parse_args, print_help, run
+from data.instructions import is_instruction_data, load_examples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's folder
 VERDICT = "data/the-verdict.txt"  # relative to ROOT
@@ -199,18 +201,21 @@ def tokenize_corpus(data, tokenizer):
 
 
 
-def read_splits(data, tokenizer, context_length):
-    """The corpus's token cache as (training part, validation part), the first 90% and the last 10%,
-    read through a memmap: a corpus larger than memory trains as well."""
-    cache, dtype = token_cache(data, tokenizer)
+def read_splits(cfg, tokenizer, context_length):
+    """The training and validation splits of cfg.data: Windows of the corpus's token cache, the first 90%
+    and the last 10% of its tokens, read through a memmap (a corpus larger than memory trains as well);
+    or instruction Examples (data/instructions.py)."""
+    if is_instruction_data(cfg.data):
+        return load_examples(cfg.data, tokenizer, context_length, cfg.seed, cfg.mask_prompt)
+    cache, dtype = token_cache(cfg.data, tokenizer)
     tokens = np.memmap(cache, dtype=dtype, mode="r")
     split = int(0.9 * len(tokens))
     parts = tokens[:split], tokens[split:]
     for part, what in zip(parts, ("training part", "validation part (last 10%)")):
         if len(part) <= context_length:
-            raise UserError(f"the {what} of {data} has {len(part)} tokens, fewer than one window of "
+            raise UserError(f"the {what} of {cfg.data} has {len(part)} tokens, fewer than one window of "
                             f"{context_length + 1}: use a longer text or a smaller seq_len= or context_length=")
-    return parts
+    return [Windows(part, context_length, cfg.stride or context_length) for part in parts]
 
 
 # ----------------------------------------------------------------------------- windows
@@ -242,6 +247,18 @@ def batch_starts(step, n_tokens, context_length, cfg):
     return epoch_order(cfg.seed, epoch, n_windows)[i * cfg.batch_size:(i + 1) * cfg.batch_size] * stride
 
 
+def schedule(cfg, train):
+    """The run's length for the training split train (Windows, or instruction Examples): (total steps,
+    steps per epoch or None, steps between evaluations)."""
+    if cfg.max_iters:
+        return cfg.max_iters, None, cfg.eval_interval or max(1, cfg.max_iters // 10)
+    if len(train) < cfg.batch_size:
+        raise UserError(f"{cfg.data} gives {len(train)} training {train.unit}, fewer than batch_size="
+                        f"{cfg.batch_size}: use a smaller batch_size or context_length, or more data")
+    steps_per_epoch = len(train) // cfg.batch_size  # the last, incomplete batch of an epoch is dropped
+    return cfg.epochs * steps_per_epoch, steps_per_epoch, cfg.eval_interval or steps_per_epoch
+
+
 def get_batch(tokens, starts, context_length):
     """Inputs (b, t) and the targets one token later (b, t): the windows at starts, read from tokens."""
     rows = np.stack([tokens[s:s + context_length + 1] for s in starts.tolist()]).astype(np.int64)
@@ -253,6 +270,34 @@ def eval_starts(n_tokens, context_length, stride, n):
     """n windows spread evenly over a split (repeating some if it has fewer): the same ones every time."""
     starts = window_starts(n_tokens, context_length, stride)
     return starts[torch.arange(n) * len(starts) // n]
+
+
+class Windows:
+    """One split of the corpus (tokens, in memory or a memmap) read in windows of context_length + 1
+    tokens every stride: what train.py trains on. data/instructions.py's Examples has the same methods,
+    so that train.py reads either: len() (windows), draw (the starts of a step's batch), eval_rows and
+    read (a batch of inputs and targets)."""
+
+    format, unit = None, "windows"  # no prompt format: plain text
+
+    def __init__(self, tokens, context_length, stride):
+        self.tokens, self.context_length, self.stride = tokens, context_length, stride
+
+    def __len__(self):
+        return len(window_starts(len(self.tokens), self.context_length, self.stride))
+
+    def draw(self, step, cfg):
+        return batch_starts(step, len(self.tokens), self.context_length, cfg)
+
+    def eval_rows(self, n):
+        return eval_starts(len(self.tokens), self.context_length, self.stride, n)
+
+    def read(self, starts):
+        return get_batch(self.tokens, starts, self.context_length)
+
+    def describe(self, cfg):
+        windows = ", random windows" if cfg.max_iters else f" in {len(self)} windows"
+        return f"{len(self.tokens):,} training tokens{windows}"
 
 
 @dataclass
