@@ -13,9 +13,10 @@ This file holds generation: sample_next picks a token, generate extends a batch 
 KV cache and stops each row at any of the tokenizer's end tokens, complete turns a prompt into text
 (train.py prints one at each evaluation), Chat holds a conversation with an instruct model (its chat
 template, the KV cache kept between turns), load_model rebuilds a model from a checkpoint of train.py
-or, through load_hf.py, from Hugging Face weights, and lay_out_for_decoding (the output head) and compile_for_decoding
-make generating on a CPU faster. It imports common.py (command line, tokenizers, checkpoint files)
-and load_hf.py, and nothing of training: it starts without torch.distributed.
+or, through load_hf.py, from Hugging Face weights, and lay_out_for_decoding (the output head) and
+compile_for_decoding make generating on a CPU faster. It imports common.py (command line, tokenizers, checkpoint files),
+load_hf.py and data/instructions.py (the prompt of a model finetuned on instructions), and nothing of
+training: it starts without torch.distributed.
 """
 import math
 import sys
@@ -27,6 +28,7 @@ import torch
 import load_hf
 from common import (UserError, apply_overrides, check_settings, import_model, is_checkpoint, load_tokenizer,
                     parse_args, pick_device, pick_dtype, print_help, read_checkpoint, run)
+from data import instructions
 
 
 @dataclass
@@ -46,6 +48,8 @@ class SampleConfig:
     chat: bool = False           # talk to an instruct model through its chat template: answer prompt=, or
                                  #   without prompt= each line of standard input in one conversation
     system: str = ""             # chat: the system message ("" = none)
+    input: str = ""              # chat: what each message works on (a model finetuned here in the book's
+                                 #   Alpaca format: its ### Input: part); "" = none
 
 
 def sample_next(logits, temperature, top_k, top_p):
@@ -143,6 +147,8 @@ def check(cfg):
                         f"num_samples at 1")
     if cfg.system and not cfg.chat:
         raise UserError("system= is the system message of a chat: add chat=true, or leave system= out")
+    if cfg.input and not cfg.chat:
+        raise UserError("input= is what a chat message works on: add chat=true, or put it into prompt=")
     return pick_dtype(cfg.dtype, None)
 
 
@@ -216,8 +222,8 @@ class Chat:
     common prefix of its conversation and the ids already cached (the earlier turns, mostly).
     """
 
-    def __init__(self, model, tokenizer, cfg):
-        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+    def __init__(self, model, tokenizer, cfg, prompt_format="chat_template"):
+        self.model, self.tokenizer, self.cfg, self.format = model, tokenizer, cfg, prompt_format
         self.system = [{"role": "system", "content": cfg.system}] if cfg.system else []
         self.turns = []  # [message, reply] of each turn so far, the oldest first
         self.cached = []  # the ids whose keys and values the model's cache holds, from position 0
@@ -232,10 +238,14 @@ class Chat:
         """The ids of the conversation with message added; when it leaves too little room for
         max_new_tokens in the context, without its oldest turns (the system message stays)."""
         ctx, dropped = self.model.cfg.context_length, 0
+        if self.format == "alpaca":  # a model finetuned here in the book's format, which has no turns:
+            self.turns = []  # each instruction is answered on its own
         while True:
             messages = self.system + [{"role": role, "content": text} for turn in self.turns
                                       for role, text in zip(("user", "assistant"), turn)]
-            ids = self.tokenizer.chat_ids(messages + [{"role": "user", "content": message}])
+            ids = (instructions.prompt_ids(self.tokenizer, self.format, message, self.cfg.input)
+                   if not messages else self.tokenizer.chat_ids(messages + instructions.user_message(
+                       message, self.cfg.input)))
             if len(ids) + self.cfg.max_new_tokens <= ctx or not self.turns:
                 break
             self.turns.pop(0)
@@ -288,10 +298,10 @@ def typed_lines(stdin):
         yield line.rstrip("\n")
 
 
-def chat(model, tokenizer, cfg, message=None):
+def chat(model, tokenizer, cfg, prompt_format, message=None):
     """Answer message; without one, each line of standard input in turn, in one conversation, until
     the end of the input ("/reset" starts a new conversation)."""
-    conversation = Chat(model, tokenizer, cfg)
+    conversation = Chat(model, tokenizer, cfg, prompt_format)
     torch.manual_seed(cfg.seed)
     for line in [message] if message is not None else typed_lines(sys.stdin):
         if line.strip() == "/reset":
@@ -343,8 +353,9 @@ def continue_text(model, tokenizer, cfg):
 
 
 def load_for_sampling(cfg, model_name, dtype):
-    """The model of init_from, in dtype (None: as stored), in eval mode and laid out for decoding, and its
-    tokenizer; refuses, in one line, a tokenizer that does not fit the model or the settings."""
+    """The model of init_from, in dtype (None: as stored), in eval mode and laid out for decoding, its
+    tokenizer, and the prompt format to chat in: the one it was finetuned with here (train.py records
+    it), else its tokenizer's chat template; refuses, in one line, what does not fit the settings."""
     model, ckpt = load_model(cfg.init_from, pick_device(cfg.device), dtype=None)  # None: HF weights as stored
     if model_name is not None and model_name != ckpt["model_name"]:
         raise UserError(f"--model {model_name} does not match the checkpoint, which holds a "
@@ -356,13 +367,18 @@ def load_for_sampling(cfg, model_name, dtype):
     if cfg.top_k is not None and cfg.top_k > tokenizer.vocab_size:
         raise UserError(f"top_k={cfg.top_k} must be between 1 and the vocabulary size {tokenizer.vocab_size},"
                         f" or None for no limit")
-    if cfg.chat and tokenizer.chat_template is None:
+    prompt_format = ckpt.get("prompt_format") or ("chat_template" if tokenizer.chat_template else None)
+    if cfg.chat and prompt_format is None:
         raise UserError(f"{cfg.init_from} has no chat template (its tokenizer: {ckpt['tokenizer']}): chat=true "
-                        f"needs an instruct model, whose tokenizer has one as Llama-3.2-1B-Instruct's does; pass "
-                        f"such a model as init_from=, or leave chat= out to continue a text")
+                        f"needs an instruct model, whose tokenizer has one as Llama-3.2-1B-Instruct's does, or "
+                        f"one finetuned on instructions with train.py; pass such a model as init_from=, or "
+                        f"leave chat= out to continue a text")
+    if cfg.system and prompt_format == "alpaca":
+        raise UserError(f"{cfg.init_from} was finetuned in the Alpaca prompt format, which has no system "
+                        f"message: leave system= out")
     if dtype is not None:
         model = model.to(dtype)
-    return lay_out_for_decoding(model.eval()), tokenizer
+    return lay_out_for_decoding(model.eval()), tokenizer, prompt_format
 
 
 def main(argv):
@@ -373,13 +389,13 @@ def main(argv):
         print_help(__doc__, [("keys", cfg)])
         return
     dtype = check(cfg)
-    model, tokenizer = load_for_sampling(cfg, model_name, dtype)
+    model, tokenizer, prompt_format = load_for_sampling(cfg, model_name, dtype)
     if not cfg.chat:
         continue_text(model, tokenizer, cfg)
         return
     if cfg.compile:  # compiled on the first turn
         model = compile_for_decoding(model)
-    chat(model, tokenizer, cfg, cfg.prompt if "prompt" in pairs else None)  # no prompt=: standard input
+    chat(model, tokenizer, cfg, prompt_format, cfg.prompt if "prompt" in pairs else None)  # no prompt=: stdin
 
 
 if __name__ == "__main__":

@@ -832,11 +832,11 @@ def test_chat_drops_the_oldest_turns_when_the_context_is_full(tmp_path, story, c
 
 # ---- bad input (the table's columns: see bad_input_table at the top)
 
-def _one_layer_checkpoint(tmp):
-    """An untrained 1-layer tiny GPT-2, saved as train.py saves weights: the folder."""
+def _one_layer_checkpoint(tmp, **extra):
+    """An untrained 1-layer tiny GPT-2, saved as train.py saves weights (and extra): the folder."""
     model = tiny_gpt2(n_layers=1)
-    common.save_checkpoint({"model": model.state_dict(), "model_name": "gpt2",
-                           "model_config": model.cfg.__dict__, "tokenizer": "gpt2"}, str(tmp / "ckpt.pt"))
+    common.save_checkpoint({"model": model.state_dict(), "model_name": "gpt2", "model_config": model.cfg.__dict__,
+                            "tokenizer": "gpt2", **extra}, str(tmp / "ckpt.pt"))
     return str(tmp)
 
 
@@ -906,6 +906,12 @@ _SAMPLE_BAD_INPUT = [
      "^chat=true gives one reply at a time, not num_samples=2: leave num_samples at 1$"),
     ("system-without-chat", "call", lambda tmp: sample.main(["system=Be brief.", "init_from=/no/such/dir"]),
      "^system= is the system message of a chat: add chat=true"),
+    ("input-without-chat", "call", lambda tmp: sample.main(["input=tree", "init_from=/no/such/dir"]),
+     "^input= is what a chat message works on: add chat=true, or put it into prompt=$"),
+    ("system-in-alpaca-format", "call",
+     lambda tmp: sample.main(["chat=true", "prompt=Hi", "system=Be brief.",
+                              f"init_from={_one_layer_checkpoint(tmp, prompt_format='alpaca')}"]),
+     "^{tmp} was finetuned in the Alpaca prompt format, which has no system message: leave system= out$"),
     ("chat-message-too-long", "call",
      lambda tmp: sample.main(["chat=true", f"prompt={'sea ' * 300}", f"init_from={_instruct(tmp)}"]),
      r"^the message makes a conversation of \d+ tokens, more than the context length 256: send a shorter one$"),
@@ -1704,14 +1710,15 @@ def test_dtype_is_autocast_and_weight_dtype_the_llama_weights(tmp_path, one_thre
 _ANSWERS = {"Name a fruit.": "An apple.", "Name a color.": "Deep blue.", "Name a pet.": "A small cat."}
 
 
-def _answers(model, tokenizer, prompt_format):
-    """The model's greedy answer to each instruction of _ANSWERS, in its prompt format, up to the end token
-    (what sample.py chat=true shows for a model trained here)."""
+def _answers(out, capsys):
+    """What sample.py chat=true answers to each instruction of _ANSWERS (greedy), with the checkpoint in out
+    and the prompt format it records."""
     answers = {}
     for instruction in _ANSWERS:
-        ids = instructions.prompt_ids(tokenizer, prompt_format, instruction)
-        new = [int(t) for t in sample.generate(model, torch.tensor([ids]), 12, end_ids=tokenizer.end_ids)]
-        answers[instruction] = tokenizer.decode(sample.until_end(new, tokenizer.end_ids))
+        capsys.readouterr()
+        sample.main([f"init_from={out}", "chat=true", f"prompt={instruction}", "temperature=0", "top_k=None",
+                     "max_new_tokens=12"])
+        answers[instruction] = capsys.readouterr().out.removesuffix("\n")
     return answers
 
 
@@ -1726,11 +1733,15 @@ def test_tiny_gpt2_trained_on_instructions_answers_them(tmp_path, one_thread, ca
     ckpt = _read_ckpt(out)
     assert ckpt["prompt_format"] == "alpaca" and ckpt["history"]["val"][-1] < 0.1
     assert re.search(r"\n  response: (An apple|Deep blue|A small cat)\.\n", printed)  # the validation example
-    model, _ = sample.load_model(str(out), "cpu")
-    assert _answers(model.eval(), common.load_tokenizer("gpt2"), "alpaca") == _ANSWERS
+    assert _answers(out, capsys) == _ANSWERS
+    model, _ = sample.load_model(str(out), "cpu")  # input= fills the prompt's ### Input: part
+    chat = sample.Chat(model.eval(), common.load_tokenizer("gpt2"), sample.SampleConfig(chat=True, input="x"),
+                       "alpaca")
+    expected = "### Instruction:\nName a fruit.\n\n### Input:\nx\n\n### Response:\n"
+    assert common.load_tokenizer("gpt2").decode(chat.prompt_ids("Name a fruit.")).endswith(expected)
 
 
-def test_tiny_llama_trained_on_chat_messages_answers_them(tmp_path, one_thread):
+def test_tiny_llama_trained_on_chat_messages_answers_them(tmp_path, one_thread, capsys):
     """A Llama folder whose tokenizer has a chat template: .jsonl messages are laid out by the template,
     and the trained model answers each instruction given to the template as a user's message."""
     folder = tmp_path / "hf-llama"
@@ -1754,7 +1765,7 @@ def test_tiny_llama_trained_on_chat_messages_answers_them(tmp_path, one_thread):
     tokenizer = common.load_tokenizer(ckpt["tokenizer"])
     ids = instructions.prompt_ids(tokenizer, "chat_template", "Name a pet.")
     assert tokenizer.hf.decode(ids).replace(" ", "") == "<s>user:Nameapet.</s>assistant:"  # the template's layout
-    assert _answers(model.eval(), tokenizer, "chat_template") == _ANSWERS
+    assert _answers(out, capsys) == _ANSWERS
 
 
 def test_lora_changes_the_adapted_matrices_only_by_rank_r(tmp_path, one_thread):

@@ -222,9 +222,9 @@ def load_data(cfg, model_cfg, init, ctx, procs, device):
                         f"{tokenizer.vocab_size}: leave vocab_size at its default")
     if procs.local_rank == 0 and not is_instruction_data(cfg.data):  # instructions: small, read by every process
         tokenize_corpus(cfg.data, tokenizer)
+    if device.type == "cuda":  # the current GPU, whose random state a checkpoint saves and restores
+        torch.cuda.set_device(device)
     if procs.distributed:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
         dist.barrier()
