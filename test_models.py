@@ -543,9 +543,10 @@ def test_help_lists_every_key_with_type_and_default(capsys):
                  "config           str          'verdict'     model preset",  # the default preset by name
                  "  --model gpt2 (default): presets verdict (default), gpt2, gpt2-medium, gpt2-large, gpt2-xl,",
                  "  --model llama3: presets toy (default), llama3-8b,"):
-        assert line in out
-    # a continuation comment under a field is part of its meaning; no line is wider than 118 columns
-    assert "or pretrained\n" + " " * 46 + "weights: gpt2 ... gpt2-xl, a Hugging Face folder" in out
+        assert " ".join(line.split()) in "\n".join(" ".join(printed.split()) for printed in out.splitlines())
+    # a continuation comment under a field is part of its meaning, in its column; no line is wider than 118
+    column = next(line.index("learning rate") for line in out.splitlines() if line.startswith("  lr "))
+    assert "or pretrained\n" + " " * column + "weights: gpt2 ... gpt2-xl, a Hugging Face folder" in out
     assert max(len(line) for line in out.splitlines()) <= 118
     sample.main(["--help"])  # sample.py's keys get their meanings the same way
     assert "temperature      float        0.8           0 = greedy" in capsys.readouterr().out
@@ -1856,6 +1857,20 @@ class _ScaleStop(Exception):
     pass
 
 
+def _stopped_at_first_checkpoint(monkeypatch, args, out_dir):
+    """train.main(args) into out_dir, stopped right after it wrote its first checkpoint, as if killed then."""
+    save = common.save_checkpoint
+
+    def save_then_stop(checkpoint, path):
+        save(checkpoint, path)
+        raise _ScaleStop
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
+    with pytest.raises(_ScaleStop):
+        train.main([*args, f"out_dir={out_dir}"])
+    monkeypatch.setattr(train, "save_checkpoint", save)
+
+
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("mode", ["max_iters", "epochs", "lora"])
 def test_scale_resume_is_exact(tmp_path, monkeypatch, mode):
@@ -1868,17 +1883,8 @@ def test_scale_resume_is_exact(tmp_path, monkeypatch, mode):
     train.main([*args, f"out_dir={tmp_path / 'whole'}"])
     whole = _read_ckpt(tmp_path / "whole")
 
-    save = common.save_checkpoint
-
-    def save_then_stop(checkpoint, path):
-        save(checkpoint, path)
-        raise _ScaleStop
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
-    with pytest.raises(_ScaleStop):
-        train.main([*args, f"out_dir={tmp_path / 'halves'}"])
+    _stopped_at_first_checkpoint(monkeypatch, args, tmp_path / "halves")
     assert _read_ckpt(tmp_path / "halves")["step"] == 4
-    monkeypatch.setattr(train, "save_checkpoint", save)
     if mode == "max_iters":  # without the preset and model keys: the model comes from the checkpoint
         args = [arg for arg in args if arg.split("=")[0] not in ("config", "context_length", "dropout")]
     train.main([*args, "init_from=resume", f"out_dir={tmp_path / 'halves'}"])
@@ -1975,8 +1981,11 @@ def test_ctrl_c_after_the_first_epoch_resumes_from_its_checkpoint(tmp_path, stor
     old_log = '{"step": 1, "tokens": 2, "loss": 9.0}\n'
     (out / "log.jsonl").write_text(old_log)
     args = ["config=tiny", f"data={story}", f"out_dir={out}", "device=cpu", "dtype=float32", "eval_iters=1"]
+    # preexec_fn: Ctrl-C's default action, even where the tests run in the background of a script, whose
+    # children start with SIGINT ignored (and Python then installs no KeyboardInterrupt for it)
     run = subprocess.Popen([sys.executable, "train.py", *args, "epochs=100"], cwd=HERE, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while True:  # the log is read before ckpt.pt is looked for: the log is replaced after ckpt.pt is written
         log = (out / "log.jsonl").read_text()
@@ -2500,17 +2509,8 @@ def test_gpu_train_bfloat16_flash_compile_loss_falls_and_resumes_exactly(tmp_pat
     assert {w.dtype for w in whole["model"].values()} == {torch.float32}  # autocast: float32 weights
     assert "cuda" in whole["rng"][0]  # the GPU's random state too, for dropout
 
-    save = common.save_checkpoint
-
-    def save_then_stop(checkpoint, path):
-        save(checkpoint, path)
-        raise _ScaleStop
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
-    with pytest.raises(_ScaleStop):
-        train.main([*args, f"out_dir={tmp_path / 'halves'}"])
+    _stopped_at_first_checkpoint(monkeypatch, args, tmp_path / "halves")
     assert _read_ckpt(tmp_path / "halves")["step"] == 4
-    monkeypatch.setattr(train, "save_checkpoint", save)
     train.main([*args, "init_from=resume", f"out_dir={tmp_path / 'halves'}"])
     halves = _read_ckpt(tmp_path / "halves")
     assert halves["step"] == 8 and halves["history"] == whole["history"]  # every loss, bit for bit
