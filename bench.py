@@ -408,7 +408,7 @@ def bench_decode(model_name):
     rows = {"transformers generate": (1, run_hf(1)), "ours, KV cache": (1, run_ours(ours, 1)),
             "ours, no cache": (1, run_ours(ours, 1, use_cache=False))}
     if not on_gpu():  # what lay_out_for_decoding gains
-        rows["ours, KV cache, head laid out (vocab, d_model)"] = (1, run_ours(as_trained, 1))
+        rows["ours, KV cache, head stored as trained (vocab, d_model)"] = (1, run_ours(as_trained, 1))
     if SETTINGS.compile:
         rows["ours, KV cache, compile=true"] = (1, run_ours(compiled_copy(), 1))
     rows[f"transformers generate, batch {k}"] = (k, run_hf(k))
