@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 import common
 import gpt2
+import load_hf
 import train
 from common import (MODELS, UserError, apply_overrides, import_model, load_tokenizer, model_config,
                     parse_args, pick_device, pick_dtype, print_help)
@@ -221,61 +222,17 @@ def build_ours(model_name, **changes):
 
 
 def build_hf(ours):
-    """transformers' model of the same architecture, holding the same weights as ours.
-
-    The mapping of load_hf.py, the other way round: there, HF's names into ours; here, ours into HF's.
-    Attention through F.scaled_dot_product_attention (attn_implementation="sdpa"), as ours with flash.
-    """
-    cfg, w = ours.cfg, ours.state_dict()
-    if not hasattr(cfg, "n_kv_heads"):  # GPT-2: Conv1D layers store the weight transposed (in, out)
-        from transformers import GPT2Config, GPT2LMHeadModel
-        with torch.device(DEVICE):  # initialised where it runs, as ours
-            hf = GPT2LMHeadModel(GPT2Config(
-                vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.d_model,
-                n_layer=cfg.n_layers, n_head=cfg.n_heads, layer_norm_epsilon=cfg.norm_eps,
-                tie_word_embeddings=cfg.tie_weights, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                attn_implementation="sdpa"))
-        state = {"transformer.wte.weight": w["token_embedding.weight"],
-                 "transformer.wpe.weight": w["position_embedding.weight"],
-                 "transformer.ln_f.weight": w["final_norm.weight"],
-                 "transformer.ln_f.bias": w["final_norm.bias"], "lm_head.weight": w["lm_head.weight"]}
-        zeros = torch.zeros(cfg.d_model, device=DEVICE)
-        for i in range(cfg.n_layers):
-            o, t = f"blocks.{i}.", f"transformer.h.{i}."
-            state[t + "attn.c_attn.weight"] = torch.cat([w[o + f"attn.w{n}.weight"] for n in "qkv"]).t()
-            state[t + "attn.c_attn.bias"] = torch.cat([w.get(o + f"attn.w{n}.bias", zeros) for n in "qkv"])
-            for ours_name, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-                state[t + theirs + ".weight"] = w[o + ours_name + ".weight"]
-                state[t + theirs + ".bias"] = w[o + ours_name + ".bias"]
-            for ours_name, theirs in (("attn.wo", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
-                                      ("mlp.down", "mlp.c_proj")):
-                state[t + theirs + ".weight"] = w[o + ours_name + ".weight"].t()
-                state[t + theirs + ".bias"] = w[o + ours_name + ".bias"]
-    else:
-        from transformers import LlamaConfig, LlamaForCausalLM
-        rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-        if getattr(cfg, "rope_factor", None) is not None:
-            rope.update(rope_type="llama3", factor=cfg.rope_factor,
-                        low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
-                        original_max_position_embeddings=cfg.rope_original_context)
-        with torch.device(DEVICE):  # initialised where it runs, as ours
-            hf = LlamaForCausalLM(LlamaConfig(
-                vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-                num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.context_length,
-                rms_norm_eps=cfg.norm_eps, rope_parameters=rope, tie_word_embeddings=cfg.tie_weights,
-                attn_implementation="sdpa"))
-        state = {"model.embed_tokens.weight": w["token_embedding.weight"],
-                 "model.norm.weight": w["final_norm.weight"], "lm_head.weight": w["lm_head.weight"]}
-        names = {"attn_norm": "input_layernorm", "attn.wq": "self_attn.q_proj",
-                 "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
-                 "attn.wo": "self_attn.o_proj", "mlp_norm": "post_attention_layernorm",
-                 "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj"}
-        for i in range(cfg.n_layers):
-            for ours_name, theirs in names.items():
-                state[f"model.layers.{i}.{theirs}.weight"] = w[f"blocks.{i}.{ours_name}.weight"]
-    missing, unexpected = hf.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=False)
-    assert not unexpected and all("rotary" in k or "bias" in k and "attn" in k for k in missing), missing
+    """transformers' model of the same architecture, holding the same weights as ours: converted as
+    python load_hf.py to=hf converts them (load_hf.hf_tensors, the loading tables walked backwards).
+    Attention through F.scaled_dot_product_attention (attn_implementation="sdpa"), as ours with flash."""
+    from transformers import AutoModelForCausalLM
+    model_name, cfg = type(ours).__module__, ours.cfg  # gpt2, llama2 or llama3
+    hf_config = load_hf.FAMILIES[load_hf.FAMILY[model_name]][1](cfg, attn_implementation="sdpa")
+    with torch.device(DEVICE):  # initialised where it runs, as ours
+        hf = AutoModelForCausalLM.from_config(hf_config)
+    state = load_hf.hf_tensors(model_name, cfg, ours.state_dict(), None)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"} and (not missing or cfg.tie_weights), missing
     return hf.to(DEVICE)
 
 

@@ -495,7 +495,7 @@ def our_tensor(state, name):
     qkv_bias=False, as the book trains it) is zeros, which computes the same."""
     if name not in state and name.endswith(".bias"):
         weight = state[name.removesuffix("bias") + "weight"]
-        return torch.zeros(weight.shape[0], dtype=weight.dtype)
+        return torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
     return state[name]
 
 
