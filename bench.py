@@ -340,6 +340,9 @@ def bench_decode(model_name):
     p, n, k, repeats = SETTINGS.prompt_len, SETTINGS.new_tokens, SETTINGS.num_samples, SETTINGS.repeats
     dt, flash = decode_dtype(), on_gpu()  # a GPU: flash attention, as transformers' sdpa
     as_trained = build_ours(model_name, flash=flash).to(dt).eval()  # the head (vocab, d_model) in memory
+    if p + n > as_trained.cfg.context_length:  # transformers' generate cannot slide past it, as ours does
+        raise UserError(f"prompt_len={p} + new_tokens={n} is more than the context length "
+                        f"{as_trained.cfg.context_length} of this model: lower new_tokens=")
     hf = build_hf(as_trained).to(dt).eval()
     ours = build_ours(model_name, flash=flash).to(dt).eval()
     ours.load_state_dict(as_trained.state_dict())
