@@ -446,19 +446,25 @@ def test_fast_reused_cache_reads_nothing_stale(name):
 def test_fast_compiled_decoding_matches_eager(name):
     import torch._inductor.config
     with torch._inductor.config.patch(freezing=False):  # restored after: compile_for_decoding sets it
-        model = _fast_model(name)
-        idx = _fast_ids(3, 6)
-        expected = _fast_greedy(model, idx, 14, use_cache=False)  # 6 + 14 tokens: past the context
-        compiled = sample.compile_for_decoding(_fast_model(name))
-        assert torch.equal(_fast_greedy(compiled, idx, 14), expected)
-        with torch.no_grad():
-            full = model(idx)
-            compiled.setup_cache(3, 16)  # the size generate used: a new size would compile again
-            prefill = compiled(idx[:, :5], start_pos=0, use_cache=True, last_only=True)
-            step = compiled(idx[:, 5:], start_pos=5, use_cache=True, last_only=True)
-        assert (prefill[:, 0] - full[:, 4]).abs().max() < 1e-4
-        assert (step[:, 0] - full[:, 5]).abs().max() < 1e-4
+        _check_compiled_decoding(name, "cpu")
     assert torch._inductor.config.freezing is False
+
+
+def _check_compiled_decoding(name, device):
+    """sample.compile_for_decoding's model on device: its greedy ids past the context equal the readable
+    path's, and its cached prefill and step logits the full sequence's."""
+    model = _fast_model(name).to(device)
+    idx = _fast_ids(3, 6).to(device)
+    expected = _fast_greedy(model, idx, 14, use_cache=False)  # 6 + 14 tokens: past the context
+    compiled = sample.compile_for_decoding(_fast_model(name).to(device))
+    assert torch.equal(_fast_greedy(compiled, idx, 14), expected)
+    with torch.no_grad():
+        full = model(idx)
+        compiled.setup_cache(3, 16)  # the size generate used: a new size would compile again
+        prefill = compiled(idx[:, :5], start_pos=0, use_cache=True, last_only=True)
+        step = compiled(idx[:, 5:], start_pos=5, use_cache=True, last_only=True)
+    assert (prefill[:, 0] - full[:, 4]).abs().max() < 1e-4
+    assert (step[:, 0] - full[:, 5]).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("name, tied", [("gpt2", True), ("llama3-gqa", False)])
@@ -2469,18 +2475,7 @@ def test_gpu_greedy_with_the_cache_equals_without(name):
 @pytest.mark.parametrize("name", ["gpt2", "llama3.1-scaled-mqa"])
 def test_gpu_compiled_decoding_equals_eager(name):
     """sample.py compile=true on the GPU (torch.compile, dynamic shapes), as section 1 checks it on the CPU."""
-    model = _fast_model(name).to(_GPU)
-    idx = _fast_ids(3, 6).to(_GPU)
-    expected = _fast_greedy(model, idx, 14, use_cache=False)  # 6 + 14 tokens: past the context
-    compiled = sample.compile_for_decoding(_fast_model(name).to(_GPU))
-    assert torch.equal(_fast_greedy(compiled, idx, 14), expected)
-    with torch.no_grad():
-        full = model(idx)
-        compiled.setup_cache(3, 16)  # the size generate used: a new size would compile again
-        prefill = compiled(idx[:, :5], start_pos=0, use_cache=True, last_only=True)
-        step = compiled(idx[:, 5:], start_pos=5, use_cache=True, last_only=True)
-    assert (prefill[:, 0] - full[:, 4]).abs().max() < 1e-4
-    assert (step[:, 0] - full[:, 5]).abs().max() < 1e-4
+    _check_compiled_decoding(name, _GPU)
 
 
 @pytest.fixture
